@@ -1,0 +1,35 @@
+# `make test` sets up everything from nothing (a .venv beside this file) and runs the whole suite.
+# On machines without an NVIDIA GPU it installs the exact CPU pins in requirements/cpu.txt
+# (torch==2.13.0, the CPU build); with a GPU it installs the ranges in pyproject.toml.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test parity verify clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing jax[cuda12] and the pyproject ranges"; \
+		$(PY) -m pip install -q -e ".[all]" "jax[cuda12]"; \
+	else \
+		echo "No GPU: installing the CPU pins from requirements/cpu.txt"; \
+		$(PY) -m pip install -q -r requirements/cpu.txt -e ".[all]"; \
+	fi
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+parity: setup
+	$(PY) -m pytest -q parity_tests $(PYTEST_ARGS)
+
+verify: setup
+	$(PY) scripts/verify.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

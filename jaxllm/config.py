@@ -1,0 +1,268 @@
+"""The config tree: typed dataclasses, YAML presets, `key=value` overrides, validation.
+
+A config is a `Config` with two sections, `model` (a `ModelConfig`, itself made of nested
+sections) and `train`. Presets are YAML files in `configs/` holding any subset of the fields;
+everything else keeps its default. Overrides use dotted paths: `model.attention.n_kv_head=2`.
+
+`load_config(path, overrides)` returns a validated, *resolved* config: derived fields that the
+user may leave unset (`head_dim`, `n_kv_head`, `d_ff`) are filled in, so every consumer
+(the JAX model, torch_ref, converters) reads one set of concrete numbers.
+
+Every mistake is a `ConfigError` whose message is one line naming the field, the bad value and
+what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built; the message is one line naming the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionConfig:
+    kind: Literal["learned", "rope", "none"] = "learned"
+    rope_theta: float = 10000.0  # RoPE base; Hugging Face's half-split (rotate_half) layout
+
+
+@dataclasses.dataclass(frozen=True)
+class NormConfig:
+    kind: Literal["layernorm", "rmsnorm"] = "layernorm"
+    eps: float = 1e-5
+    bias: bool = True  # LayerNorm only: learned shift (RMSNorm never has one)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    n_head: int = 6
+    n_kv_head: int | None = None  # None = n_head (MHA); 1 = MQA; otherwise GQA
+    head_dim: int | None = None  # None = d_model // n_head
+    window: int | None = None  # sliding window: a query sees exactly `window` keys incl. itself
+    qkv_bias: bool = False
+    out_bias: bool = False
+    dropout: float = 0.0  # on attention probabilities, training only
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    kind: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    d_ff: int | None = None  # None = 4 * d_model (gelu) or 8/3 * d_model rounded up to 256 (swiglu)
+    bias: bool = False
+    dropout: float = 0.0  # on the hidden activations, training only
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 384
+    n_layer: int = 6
+    max_seq_len: int = 1024  # context length; size of the learned position table
+    position: PositionConfig = PositionConfig()
+    norm: NormConfig = NormConfig()
+    attention: AttentionConfig = AttentionConfig()
+    mlp: MLPConfig = MLPConfig()
+    tie_embeddings: bool = True
+    lm_head_bias: bool = False
+    dropout: float = 0.0  # on embeddings and on each sublayer output before the residual add
+    rezero: bool = False  # x + alpha_l * f(x), one alpha per layer (init 0), no block norms
+    layerdrop: float = 0.0  # probability of skipping a whole layer, training only
+    remat: bool = False  # rematerialise each block in the backward pass
+    init_std: float = 0.02
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 8
+    seq_len: int | None = None  # None = model.max_seq_len
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from plain data
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _coerce(value, tp, path: str):
+    """Check `value` against the annotation `tp`; return it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, path)
+            except ConfigError:
+                pass
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, path)
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown field {path!r}; allowed: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(parents[:i + 1])} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`model.n_layer=4` -> ('model.n_layer', 4). Values are parsed as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected key=value with a dotted key, e.g. model.n_layer=4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def config_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    data = _deep_copy(data or {})
+    for text in overrides:
+        _set_dotted(data, *parse_override(text))
+    return resolve(_build(Config, data))
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """A resolved, validated Config from a YAML preset (or the defaults) plus overrides."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top level")
+    return config_from_dict(data, overrides)
+
+
+def _deep_copy(data):
+    return {k: _deep_copy(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution and validation
+
+
+def default_d_ff(mlp_kind: str, d_model: int) -> int:
+    if mlp_kind == "swiglu":  # Llama: 2/3 of 4D, rounded up to a multiple of 256
+        return 256 * math.ceil(int(8 * d_model / 3) / 256)
+    return 4 * d_model
+
+
+def resolve(cfg: Config) -> Config:
+    m = cfg.model
+    _validate_model(m)
+    attention = m.attention
+    if attention.n_kv_head is None:
+        attention = dataclasses.replace(attention, n_kv_head=attention.n_head)
+    if attention.head_dim is None:
+        attention = dataclasses.replace(attention, head_dim=m.d_model // attention.n_head)
+    mlp = m.mlp if m.mlp.d_ff is not None else dataclasses.replace(m.mlp, d_ff=default_d_ff(m.mlp.kind, m.d_model))
+    model = dataclasses.replace(m, attention=attention, mlp=mlp)
+    train = cfg.train
+    _check(train.batch_size >= 1, "train.batch_size", train.batch_size, "an integer >= 1")
+    if train.seq_len is not None:
+        _check(1 <= train.seq_len <= model.max_seq_len, "train.seq_len", train.seq_len,
+               f"1..model.max_seq_len ({model.max_seq_len})")
+    return Config(model=model, train=train)
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is invalid: must be {allowed}")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    a = m.attention
+    _check(m.vocab_size >= 1, "model.vocab_size", m.vocab_size, "an integer >= 1")
+    _check(m.d_model >= 1, "model.d_model", m.d_model, "an integer >= 1")
+    _check(m.n_layer >= 1, "model.n_layer", m.n_layer, "an integer >= 1")
+    _check(m.max_seq_len >= 1, "model.max_seq_len", m.max_seq_len, "an integer >= 1")
+    _check(a.n_head >= 1, "model.attention.n_head", a.n_head, "an integer >= 1")
+    if a.head_dim is None:
+        _check(m.d_model % a.n_head == 0, "model.attention.n_head", a.n_head,
+               f"a divisor of model.d_model ({m.d_model}), or set model.attention.head_dim")
+    else:
+        _check(a.head_dim >= 1, "model.attention.head_dim", a.head_dim, "an integer >= 1")
+    if a.n_kv_head is not None:
+        _check(a.n_kv_head >= 1 and a.n_head % a.n_kv_head == 0, "model.attention.n_kv_head", a.n_kv_head,
+               f"a divisor of model.attention.n_head ({a.n_head})")
+    if m.position.kind == "rope":
+        head_dim = a.head_dim or m.d_model // a.n_head
+        _check(head_dim % 2 == 0, "model.attention.head_dim", head_dim, "even when model.position.kind is 'rope'")
+        _check(m.position.rope_theta > 0, "model.position.rope_theta", m.position.rope_theta, "> 0")
+    if a.window is not None:
+        _check(a.window >= 1, "model.attention.window", a.window, "an integer >= 1 (or null for full causal)")
+    _check(m.norm.eps > 0, "model.norm.eps", m.norm.eps, "> 0")
+    if m.mlp.d_ff is not None:
+        _check(m.mlp.d_ff >= 1, "model.mlp.d_ff", m.mlp.d_ff, "an integer >= 1")
+    for field, p in (("model.dropout", m.dropout), ("model.attention.dropout", a.dropout),
+                     ("model.mlp.dropout", m.mlp.dropout)):
+        _check(0.0 <= p < 1.0, field, p, "a probability in [0, 1)")
+    _check(0.0 <= m.layerdrop < 1.0, "model.layerdrop", m.layerdrop, "a probability in [0, 1)")
+    _check(m.init_std > 0, "model.init_std", m.init_std, "> 0")

@@ -1,0 +1,136 @@
+"""jaxllm parameters <-> torch_ref state_dicts (numpy arrays keyed like `model.state_dict()`).
+
+Both sides use the same names and tree, so conversion is a per-key layout change only: a jaxllm
+projection weight is [in..., out...] (q_proj [D, N, H], o_proj [N, H, D]), while nn.Linear stores
+[out, in] with each side flattened; projection biases are flattened too. Everything else
+(embeddings, norms, ReZero scalars, the LM-head bias) has the same layout on both sides.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Projection name -> how many leading dims of the jaxllm weight are input dims.
+LINEAR_IN_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
+                  "gate_proj": 1, "up_proj": 1, "down_proj": 1, "lm_head": 1}
+
+
+class ConversionError(ValueError):
+    """A state_dict or file that does not fit the model; the message is one line naming the key."""
+
+
+def _linear(key: str) -> tuple[str, str] | None:
+    """('q_proj', 'weight') for 'layers.0.attn.q_proj.weight'; None for non-projection tensors."""
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[-2] in LINEAR_IN_DIMS and parts[-1] in ("weight", "bias"):
+        return parts[-2], parts[-1]
+    return None
+
+
+def torch_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch_ref shape of the jaxllm tensor `key` of `shape`."""
+    linear = _linear(key)
+    if linear is None:
+        return tuple(shape)
+    name, leaf = linear
+    if leaf == "bias":
+        return (math.prod(shape),)
+    n_in = LINEAR_IN_DIMS[name]
+    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+
+
+def to_torch_layout(key: str, a: np.ndarray) -> np.ndarray:
+    shape = torch_shape(key, a.shape)
+    linear = _linear(key)
+    if linear is not None and linear[1] == "weight":
+        a = a.reshape(shape[1], shape[0]).T
+    return np.ascontiguousarray(a.reshape(shape))
+
+
+def from_torch_layout(key: str, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    linear = _linear(key)
+    if linear is not None and linear[1] == "weight":
+        return np.ascontiguousarray(t.T).reshape(shape)
+    return t.reshape(shape)
+
+
+def _params(model_or_state) -> dict[str, nnx.Variable]:
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    return {".".join(str(p) for p in path): var for path, var in state.flat_state()}
+
+
+def to_state_dict(model_or_state) -> dict[str, np.ndarray]:
+    """A jaxllm model (or its Param state, or a gradient state) as a torch_ref state_dict of numpy arrays."""
+    return {key: to_torch_layout(key, np.asarray(var[...])) for key, var in _params(model_or_state).items()}
+
+
+def _as_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; jaxllm's core does not import torch
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def from_state_dict(model, state_dict: Mapping[str, object]) -> None:
+    """Load a torch_ref state_dict into `model` in place; every key must match in name and shape."""
+    params = _params(model)
+    missing = [key for key in params if key not in state_dict]
+    if missing:
+        raise ConversionError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    extra = [key for key in state_dict if key not in params]
+    if extra:
+        raise ConversionError(f"unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all); "
+                              "the model config does not have it")
+    values = {}
+    for key, var in params.items():
+        t = _as_numpy(state_dict[key])
+        expected = torch_shape(key, var.shape)
+        if tuple(t.shape) != expected:
+            raise ConversionError(f"tensor {key!r} has shape {tuple(t.shape)}, expected {expected}")
+        values[key] = from_torch_layout(key, t, var.shape)
+    for key, var in params.items():
+        var[...] = jnp.asarray(values[key], dtype=var.dtype)
+
+
+def save_safetensors(path: str | Path, model, config: Mapping | None = None) -> None:
+    """Write the torch_ref state_dict of `model` (and its config as JSON metadata) to `path`,
+    atomically: a temporary file renamed into place."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    metadata = {"format": "pt"}
+    if config is not None:
+        metadata["jaxllm_config"] = json.dumps(config)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(to_state_dict(model), tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict | None]:
+    """(state_dict, config or None) from a safetensors file written by `save_safetensors`."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"weights file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConversionError(f"weights file {str(path)!r} is not a readable safetensors file: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    config = json.loads(metadata["jaxllm_config"]) if "jaxllm_config" in metadata else None
+    return tensors, config

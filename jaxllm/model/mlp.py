@@ -1,0 +1,30 @@
+"""Feed-forward sublayer: GELU (exact or tanh) or SwiGLU.  Letters: B, T, D, F ffn width."""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.model.params import DTYPES, Einsum
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        m = cfg.mlp
+        d, f = cfg.d_model, m.d_ff
+        kw = dict(bias=m.bias, std=cfg.init_std, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+                  rngs=rngs)
+        self.kind = m.kind
+        if m.kind == "swiglu":
+            self.gate_proj = Einsum((d,), (f,), ("embed",), ("mlp",), **kw)
+        self.up_proj = Einsum((d,), (f,), ("embed",), ("mlp",), **kw)
+        self.down_proj = Einsum((f,), (d,), ("mlp",), ("embed",), **kw)
+        self.dropout = nnx.Dropout(m.dropout, deterministic=True, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        up = self.up_proj("BTD,DF->BTF", x)
+        if self.kind == "swiglu":
+            hidden = jax.nn.silu(self.gate_proj("BTD,DF->BTF", x)) * up
+        else:
+            hidden = jax.nn.gelu(up, approximate=self.kind == "gelu_tanh")
+        return self.down_proj("BTF,FD->BTD", self.dropout(hidden))

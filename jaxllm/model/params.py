@@ -1,0 +1,46 @@
+"""Parameter creation shared by every layer.
+
+Every parameter carries `axes`: one logical axis name per dimension (`embed`, `heads`,
+`kv_heads`, `head_dim`, `mlp`, `vocab`, `positions`, `norm`). `jaxllm.sharding` maps those names to
+mesh axes through one table; no layer ever writes a PartitionSpec.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal", std: float = 0.02,
+          dtype=jnp.float32) -> nnx.Param:
+    """A parameter of `shape` with logical `axes`; init is 'normal' (with `std`), 'zeros' or 'ones'."""
+    shape = tuple(shape)
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value, axes=tuple(axes))
+
+
+class Einsum(nnx.Module):
+    """A weight of shape in_shape + out_shape (and an optional bias over out_shape) applied by an
+    einsum whose letters the caller writes at the call site, e.g. `proj("BTD,DNH->BTNH", x)`."""
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, bias: bool, std: float,
+                 dtype, param_dtype, rngs: nnx.Rngs):
+        self.weight = param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), std=std, dtype=param_dtype)
+        self.bias = param(None, out_shape, out_axes, "zeros", dtype=param_dtype) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, spec: str, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(spec, x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y

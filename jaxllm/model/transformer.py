@@ -1,0 +1,89 @@
+"""The decoder-only language model."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.model.blocks import Block, LayerDrop
+from jaxllm.model.embeddings import Embed, rope_angles
+from jaxllm.model.norms import make_norm
+from jaxllm.model.params import DTYPES, param
+
+
+def _run_block(block: Block, x: jax.Array, rope) -> jax.Array:
+    return block(x, rope)
+
+
+def _skip_block(block: Block, x: jax.Array, rope) -> jax.Array:
+    return x
+
+
+_run_block_remat = nnx.remat(_run_block)
+
+
+class Transformer(nnx.Module):
+    """tokens [B, T] (and optional positions [B, T]) -> float32 logits [B, T, V].
+
+    The model is built in eval mode (no dropout, no LayerDrop); call `.train()` to train.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        kw = dict(std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), **kw)
+        self.embed_positions = (Embed(cfg.max_seq_len, cfg.d_model, ("positions", "embed"), **kw)
+                                if cfg.position.kind == "learned" else None)
+        self.dropout = nnx.Dropout(cfg.dropout, deterministic=True, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.layerdrop = LayerDrop(cfg.layerdrop, rngs=rngs)
+        self.final_norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
+        self.lm_head_bias = param(None, (cfg.vocab_size,), ("vocab",), "zeros") if cfg.lm_head_bias else None
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed_tokens(tokens)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(positions)
+        x = self.dropout(x)
+        rope = (rope_angles(positions, cfg.attention.head_dim, cfg.position.rope_theta)
+                if cfg.position.kind == "rope" else None)
+        run = _run_block_remat if cfg.remat else _run_block
+        keep = self.layerdrop.keep(len(self.layers))
+        for i, block in enumerate(self.layers):
+            if keep is None:
+                x = run(block, x, rope)
+            else:
+                x = nnx.cond(keep[i], run, _skip_block, block, x, rope)
+        x = self.final_norm(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        if self.lm_head_bias is not None:
+            logits = logits + self.lm_head_bias[...].astype(logits.dtype)
+        return logits.astype(jnp.float32)
+
+
+class LMHead(nnx.Module):
+    """An untied output projection [D, V]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.weight = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std,
+                            dtype=DTYPES[cfg.param_dtype])
+        self.dtype = DTYPES[cfg.dtype]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("BTD,DV->BTV", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over all positions (float32)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def lm_loss(model: Transformer, tokens: jax.Array, targets: jax.Array) -> jax.Array:
+    return cross_entropy(model(tokens), targets)

@@ -1,0 +1,1 @@
+"""torch_ref: the PyTorch reference of jaxllm's models (imports nothing from jaxllm)."""
