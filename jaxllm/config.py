@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Literal
 
 import yaml
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -119,12 +123,14 @@ def _coerce(value, tp, path: str):
                 pass
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
-            return _build(tp, value, path)
+            return _build(tp, value, path + ".")
     elif tp is type(None):
         if value is None:
             return None
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-6 as a string
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -189,7 +195,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top level")
-    return config_from_dict(data, overrides)
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
 
 
 def _deep_copy(data):

@@ -64,7 +64,7 @@ def from_torch_layout(key: str, t: np.ndarray, shape: tuple[int, ...]) -> np.nda
 
 def _params(model_or_state) -> dict[str, nnx.Variable]:
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
-    return {".".join(str(p) for p in path): var for path, var in state.flat_state()}
+    return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
 
 
 def to_state_dict(model_or_state) -> dict[str, np.ndarray]:

@@ -1,0 +1,54 @@
+"""`jaxllm <command>`: the command-line entry point; scripts/*.py are thin wrappers over it.
+
+User mistakes (bad config, value, file or platform) print one line `error: ...` and exit 2, with
+no traceback unless `--debug` is given.
+"""
+from __future__ import annotations
+
+import sys
+
+from jaxllm.config import ConfigError
+
+COMMANDS = {
+    "verify": ("jaxllm.verify", "parameter counts and a forward/backward check of every preset"),
+}
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    from jaxllm.convert import ConversionError
+    from jaxllm.platform import PlatformError
+
+    return ConfigError, ConversionError, PlatformError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: jaxllm {" + ",".join(sorted(COMMANDS)) + "} [options]\n" + "\n".join(
+        f"  {name:8s} {help_}" for name, (_, help_) in sorted(COMMANDS.items()))
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        got = repr(argv[0]) if argv else "nothing"
+        print(f"error: unknown command {got}; allowed: {', '.join(sorted(COMMANDS))}", file=sys.stderr)
+        return 2
+    return run(argv[0], argv[1:])
+
+
+def run(command: str, argv: list[str]) -> int:
+    """Run one command's `main(argv)`, turning user errors into one line and exit code 2."""
+    import importlib
+
+    debug = "--debug" in argv
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        return module.main(argv) or 0
+    except user_errors() as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

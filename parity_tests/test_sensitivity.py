@@ -1,0 +1,80 @@
+"""The parity suite has teeth: break one option in torch_ref only, and the comparison must fail.
+
+Each case patches one piece of torch_ref (the jaxllm side is untouched), builds the config that
+exercises it, and asserts that the harness reports a mismatch beyond the tolerances.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_ref.model as ref
+from parity_tests.harness import compare, make_pair, tiny_config
+
+
+def rope_interleaved(x, cos, sin):  # pairs (2i, 2i+1) instead of Hugging Face's (i, i + H/2)
+    half = x.shape[-1] // 2
+    cos, sin = cos[..., :half].repeat_interleave(2, -1), sin[..., :half].repeat_interleave(2, -1)
+    rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def mask_window_plus_one(t, window=None):  # the paper's literal i - W: W + 1 keys
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    return (j <= i) & ((i - j <= window) if window is not None else True)
+
+
+def gqa_modulo_forward(self, x, rope):  # query head n reads kv head n % K instead of n // G
+    B, T, _ = x.shape
+    q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+    k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+    v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+    if rope is not None:
+        q, k = ref.apply_rope(q, *rope), ref.apply_rope(k, *rope)
+    groups = self.n_head // self.n_kv_head
+    k, v = k.repeat(1, groups, 1, 1), v.repeat(1, groups, 1, 1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=ref.causal_mask(T, self.window))
+    return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def residual_without_alpha(self, x, f_x):  # ReZero scalar forgotten
+    return x + self.dropout(f_x)
+
+
+def gelu_always_tanh(x, approximate="none", _gelu=F.gelu):
+    return _gelu(x, approximate="tanh")
+
+
+def rope_theta_ignored(positions, head_dim, theta, _angles=ref.rope_angles):
+    return _angles(positions, head_dim, 10000.0)
+
+
+MUTATIONS = {
+    "rope-layout": (dict(position=dict(kind="rope")), ref, "apply_rope", rope_interleaved),
+    "rope-theta": (dict(position=dict(kind="rope", rope_theta=500000.0)), ref, "rope_angles", rope_theta_ignored),
+    "window-off-by-one": (dict(attention=dict(n_head=4, window=16)), ref, "causal_mask", mask_window_plus_one),
+    "gqa-grouping": (dict(attention=dict(n_head=4, n_kv_head=2)), ref.Attention, "forward", gqa_modulo_forward),
+    "rezero-alpha": (dict(rezero=True), ref.Block, "residual", residual_without_alpha),
+    "gelu-form": (dict(mlp=dict(kind="gelu")), ref.F, "gelu", gelu_always_tanh),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MUTATIONS))
+def test_breaking_torch_ref_breaks_parity(name, monkeypatch):
+    model, target, attr, replacement = MUTATIONS[name]
+    cfg = tiny_config(**model)
+    assert compare(make_pair(cfg)).ok(), "the unbroken pair must agree"
+    monkeypatch.setattr(target, attr, replacement)
+    report = compare(make_pair(cfg))
+    assert not report.ok(), f"{name}: breaking torch_ref went unnoticed ({report})"
+
+
+@pytest.mark.parametrize("option", ["lm_head_bias", "qkv_bias", "norm_bias"])
+def test_dropping_a_bias_breaks_parity(option):
+    model = dict(lm_head_bias=option == "lm_head_bias", attention=dict(n_head=4, qkv_bias=option == "qkv_bias"),
+                 norm=dict(kind="layernorm", bias=option == "norm_bias"))
+    pair = make_pair(tiny_config(**model))
+    zeroed = {"lm_head_bias": "lm_head_bias", "qkv_bias": "layers.1.attn.v_proj.bias",
+              "norm_bias": "layers.0.mlp_norm.bias"}[option]
+    with torch.no_grad():
+        pair.torch_model.get_parameter(zeroed).zero_()
+    assert not compare(pair).ok()
