@@ -62,7 +62,8 @@ MUTATIONS = {
 def test_breaking_torch_ref_breaks_parity(name, monkeypatch):
     model, target, attr, replacement = MUTATIONS[name]
     cfg = tiny_config(**model)
-    assert compare(make_pair(cfg)).ok(), "the unbroken pair must agree"
+    unbroken = compare(make_pair(cfg))
+    assert unbroken.ok(), f"the unbroken pair must agree: {unbroken}"
     monkeypatch.setattr(target, attr, replacement)
     report = compare(make_pair(cfg))
     assert not report.ok(), f"{name}: breaking torch_ref went unnoticed ({report})"

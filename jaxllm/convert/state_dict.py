@@ -52,13 +52,13 @@ def to_torch_layout(key: str, a: np.ndarray) -> np.ndarray:
     linear = _linear(key)
     if linear is not None and linear[1] == "weight":
         a = a.reshape(shape[1], shape[0]).T
-    return np.ascontiguousarray(a.reshape(shape))
+    return np.array(a.reshape(shape), order="C")  # a C-contiguous copy (ascontiguousarray makes 0-d 1-d)
 
 
 def from_torch_layout(key: str, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     linear = _linear(key)
     if linear is not None and linear[1] == "weight":
-        return np.ascontiguousarray(t.T).reshape(shape)
+        return np.array(t.T, order="C").reshape(shape)
     return t.reshape(shape)
 
 

@@ -1,0 +1,86 @@
+"""scripts/verify.py and the platform switch, run as a user runs them."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxllm.config import load_config
+from jaxllm.verify import count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dense_param_count(m) -> int:
+    """Closed form for the dense model, written out independently of the code under test."""
+    a, D, L, V, F = m.attention, m.d_model, m.n_layer, m.vocab_size, m.mlp.d_ff
+    N, K, H = a.n_head, a.n_kv_head, a.head_dim
+    norm = 0 if m.rezero else (D if m.norm.kind == "rmsnorm" else (2 * D if m.norm.bias else D))
+    attention = D * N * H + 2 * D * K * H + N * H * D + (N * H + 2 * K * H if a.qkv_bias else 0) + (D if a.out_bias else 0)
+    n_mats = 3 if m.mlp.kind == "swiglu" else 2
+    mlp = n_mats * D * F + ((n_mats - 1) * F + D if m.mlp.bias else 0)
+    layer = attention + mlp + 2 * norm + (1 if m.rezero else 0)
+    final_norm = D if m.norm.kind == "rmsnorm" else (2 * D if m.norm.bias else D)
+    return (V * D + (m.max_seq_len * D if m.position.kind == "learned" else 0) + L * layer + final_norm
+            + (0 if m.tie_embeddings else D * V) + (V if m.lm_head_bias else 0))
+
+
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_dense_preset_param_count_matches_closed_form(path):
+    m = load_config(path).model
+    assert count_params(m) == dense_param_count(m)
+
+
+def test_llama_374m_and_seed003_counts():
+    assert count_params(load_config(ROOT / "configs/llama-374m.yaml").model) == 373_867_520
+    # seed 003 with its 65-character vocabulary: 10.71M
+    assert round(count_params(load_config(ROOT / "configs/seed003-char-gpt.yaml").model) / 1e6, 2) == 10.71
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_verify_prints_every_preset_with_its_count():
+    result = run("scripts/verify.py", "--max-params", "1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for path in PRESETS:
+        m = load_config(path).model
+        row = next(line for line in lines if line.startswith(path.stem + " "))
+        assert f"{dense_param_count(m) / 1e6:.2f}M" in row
+    assert "373.87M" in next(line for line in lines if line.startswith("llama-374m "))
+    tiny = next(line for line in lines if line.startswith("tiny-gpt "))
+    loss = float(tiny.split("loss ")[1].split()[0])
+    assert abs(loss - math.log(128)) < 0.5  # a freshly initialised model predicts ~uniformly
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--platform", "cuda"], "jax[cuda12]"),
+    (["--platform", "tpu"], "jax[tpu]"),
+    (["--platform", "metal"], "jax-metal"),
+    (["configs/tiny-gpt.yaml", "model.attention.n_kv_head=3"], "tiny-gpt.yaml: model.attention.n_kv_head=3"),
+    (["configs/nope.yaml"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    result = run("scripts/verify.py", *args, env={"JAX_PLATFORMS": ""})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_platform_in_environment_is_one_line():
+    result = run("scripts/verify.py", "configs/tiny-gpt.yaml", env={"JAX_PLATFORMS": "vulkan"})
+    assert result.returncode == 2 and "unknown platform 'vulkan'; allowed: cpu, cuda, tpu, metal" in result.stderr
+
+
+def test_jaxllm_entry_point_runs_verify():
+    result = run("-m", "jaxllm.cli", "verify", "configs/tiny-gpt.yaml")
+    assert result.returncode == 0 and "tiny-gpt" in result.stdout and "ok: loss" in result.stdout
+    assert run("-m", "jaxllm.cli", "frobnicate").returncode == 2
