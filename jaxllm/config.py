@@ -45,7 +45,28 @@ class NormConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V2/V3, papers.md §3), used when attention.kind is 'mla'."""
+    variant: Literal["deepseek", "seed004"] = "deepseek"  # seed004: per-head rope_k / rope_q projections
+    q_lora_rank: int | None = None  # None: a plain query projection (V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_layout: Literal["interleaved", "half"] = "interleaved"  # DeepSeek checkpoints: interleaved pairs
+    latent_norm_eps: float = 1e-6
+    yarn_factor: float | None = None  # YaRN rope scaling (None: off)
+    yarn_original_max_position: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionConfig:
+    kind: Literal["mha", "mla"] = "mha"  # mha covers MHA / GQA / MQA through n_kv_head
+    mla: MLAConfig = MLAConfig()
     n_head: int = 6
     n_kv_head: int | None = None  # None = n_head (MHA); 1 = MQA; otherwise GQA
     head_dim: int | None = None  # None = d_model // n_head
@@ -64,6 +85,35 @@ class MLPConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-Experts feed-forward (papers.md §4). n_routed_experts = 0 means a dense model.
+
+    Layer i uses MoE when i >= first_k_dense and (i - first_k_dense) % moe_every == 0; other
+    layers use the dense `mlp` section.
+    """
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None  # routed expert width; None = mlp.d_ff
+    n_shared_experts: int = 0  # DeepSeek: always-on SwiGLU experts, merged into one of width n * shared width
+    shared_intermediate_size: int | None = None  # per shared expert; None = moe_intermediate_size
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) gates the shared expert
+    router: Literal["softmax", "sigmoid", "noisy"] = "softmax"
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1  # group-limited selection: keep the best topk_group of n_group expert groups
+    topk_group: int = 1
+    bias_update_rate: float = 0.0  # sigmoid router: V3 aux-loss-free bias step (gamma)
+    aux_loss_coef: float = 0.0  # Switch / DeepSeek expert balance loss
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    importance_loss_coef: float = 0.0  # noisy router (Shazeer 2017): CV^2 of importance
+    load_loss_coef: float = 0.0  # noisy router: CV^2 of the smooth load estimate
+    capacity_factor: float | None = None  # None: dropless; else drop tokens beyond the capacity
+    first_k_dense: int = 0
+    moe_every: int = 1
+    dispatch: Literal["grouped", "dense"] = "grouped"  # dense: every expert on every token (tests only)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 256
     d_model: int = 384
@@ -73,6 +123,7 @@ class ModelConfig:
     norm: NormConfig = NormConfig()
     attention: AttentionConfig = AttentionConfig()
     mlp: MLPConfig = MLPConfig()
+    moe: MoEConfig = MoEConfig()
     tie_embeddings: bool = True
     lm_head_bias: bool = False
     dropout: float = 0.0  # on embeddings and on each sublayer output before the residual add
@@ -232,7 +283,12 @@ def resolve(cfg: Config) -> Config:
     if attention.head_dim is None:
         attention = dataclasses.replace(attention, head_dim=m.d_model // attention.n_head)
     mlp = m.mlp if m.mlp.d_ff is not None else dataclasses.replace(m.mlp, d_ff=default_d_ff(m.mlp.kind, m.d_model))
-    model = dataclasses.replace(m, attention=attention, mlp=mlp)
+    moe = m.moe
+    if moe.n_routed_experts and moe.moe_intermediate_size is None:
+        moe = dataclasses.replace(moe, moe_intermediate_size=mlp.d_ff)
+    if moe.n_routed_experts and moe.shared_intermediate_size is None:
+        moe = dataclasses.replace(moe, shared_intermediate_size=moe.moe_intermediate_size)
+    model = dataclasses.replace(m, attention=attention, mlp=mlp, moe=moe)
     train = cfg.train
     _check(train.batch_size >= 1, "train.batch_size", train.batch_size, "an integer >= 1")
     if train.seq_len is not None:
@@ -275,3 +331,42 @@ def _validate_model(m: ModelConfig) -> None:
         _check(0.0 <= p < 1.0, field, p, "a probability in [0, 1)")
     _check(0.0 <= m.layerdrop < 1.0, "model.layerdrop", m.layerdrop, "a probability in [0, 1)")
     _check(m.init_std > 0, "model.init_std", m.init_std, "> 0")
+    if a.kind == "mla":
+        _validate_mla(a.mla)
+    if m.moe.n_routed_experts:
+        _validate_moe(m.moe, m.n_layer)
+
+
+def _validate_mla(mla: MLAConfig) -> None:
+    p = "model.attention.mla."
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        _check(getattr(mla, name) >= 1, p + name, getattr(mla, name), "an integer >= 1")
+    _check(mla.qk_rope_head_dim % 2 == 0, p + "qk_rope_head_dim", mla.qk_rope_head_dim, "even")
+    if mla.q_lora_rank is not None:
+        _check(mla.q_lora_rank >= 1, p + "q_lora_rank", mla.q_lora_rank, "an integer >= 1, or null for a plain q_proj")
+    if mla.variant == "seed004":
+        _check(mla.q_lora_rank is not None, p + "q_lora_rank", None, "set for the seed004 variant (rope_q reads the query latent)")
+    if mla.yarn_factor is not None:
+        _check(mla.yarn_factor >= 1.0, p + "yarn_factor", mla.yarn_factor, ">= 1 (or null for no YaRN)")
+    _check(mla.latent_norm_eps > 0, p + "latent_norm_eps", mla.latent_norm_eps, "> 0")
+
+
+def _validate_moe(moe: MoEConfig, n_layer: int) -> None:
+    p = "model.moe."
+    e = moe.n_routed_experts
+    _check(e >= 1, p + "n_routed_experts", e, "an integer >= 0 (0 = dense)")
+    _check(1 <= moe.num_experts_per_tok <= e, p + "num_experts_per_tok", moe.num_experts_per_tok,
+           f"1..n_routed_experts ({e})")
+    _check(moe.n_shared_experts >= 0, p + "n_shared_experts", moe.n_shared_experts, "an integer >= 0")
+    _check(moe.n_group >= 1 and e % moe.n_group == 0, p + "n_group", moe.n_group, f"a divisor of n_routed_experts ({e})")
+    _check(1 <= moe.topk_group <= moe.n_group, p + "topk_group", moe.topk_group, f"1..n_group ({moe.n_group})")
+    _check(moe.num_experts_per_tok <= moe.topk_group * (e // moe.n_group), p + "num_experts_per_tok",
+           moe.num_experts_per_tok, f"<= topk_group * experts per group ({moe.topk_group * (e // moe.n_group)})")
+    _check(0 <= moe.first_k_dense <= n_layer, p + "first_k_dense", moe.first_k_dense, f"0..model.n_layer ({n_layer})")
+    _check(moe.moe_every >= 1, p + "moe_every", moe.moe_every, "an integer >= 1")
+    if moe.capacity_factor is not None:
+        _check(moe.capacity_factor > 0, p + "capacity_factor", moe.capacity_factor, "> 0 (or null for dropless)")
+    for name in ("aux_loss_coef", "z_loss_coef", "importance_loss_coef", "load_loss_coef", "bias_update_rate"):
+        _check(getattr(moe, name) >= 0, p + name, getattr(moe, name), ">= 0")
+    if moe.bias_update_rate > 0:
+        _check(moe.router == "sigmoid", p + "bias_update_rate", moe.bias_update_rate, "0 unless router is 'sigmoid'")

@@ -17,6 +17,7 @@ from flax import nnx
 from jaxllm.config import Config, config_from_dict, to_dict
 from jaxllm.convert import from_state_dict, to_state_dict
 from jaxllm.model import Transformer, lm_loss
+from jaxllm.model.transformer import pop_aux_losses
 from torch_ref.model import Transformer as TorchTransformer
 
 LOGITS_TOL = 1e-4
@@ -77,17 +78,19 @@ def make_pair(cfg: Config, seed: int = 0, batch: int = 2, seq: int = SEQ) -> Pai
 class Report:
     logits_rel: float
     kl_max: float
+    loss_rel: float  # the full loss, auxiliary losses included
     grad_rel: dict[str, float]
 
     def worst_grad(self) -> tuple[str, float]:
         return max(self.grad_rel.items(), key=lambda kv: kv[1])
 
     def ok(self) -> bool:
-        return self.logits_rel <= LOGITS_TOL and self.kl_max <= KL_TOL and self.worst_grad()[1] <= GRAD_TOL
+        return (self.logits_rel <= LOGITS_TOL and self.kl_max <= KL_TOL and self.loss_rel <= LOGITS_TOL
+                and self.worst_grad()[1] <= GRAD_TOL)
 
     def __str__(self) -> str:
         name, worst = self.worst_grad()
-        return f"logits rel {self.logits_rel:.2e}, max KL {self.kl_max:.2e}, worst grad rel {worst:.2e} ({name})"
+        return f"logits rel {self.logits_rel:.2e}, max KL {self.kl_max:.2e}, loss rel {self.loss_rel:.2e}, worst grad rel {worst:.2e} ({name})"
 
 
 def kl_per_token(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -106,21 +109,23 @@ def _jax_forward_and_grads(model, inputs, targets):
     @nnx.jit
     def run(model, inputs, targets):
         logits = model(inputs)
-        grads = nnx.grad(lm_loss)(model, inputs, targets)
-        return logits, grads
+        pop_aux_losses(model)  # this forward's aux losses; lm_loss records its own
+        loss, grads = nnx.value_and_grad(lm_loss)(model, inputs, targets)
+        return logits, loss, grads
 
     return run(model, inputs, targets)
 
 
 def compare(pair: Pair) -> Report:
     inputs, targets = pair.tokens[:, :-1], pair.tokens[:, 1:]
-    logits_j, grads_j = _jax_forward_and_grads(pair.jax_model, jnp.asarray(inputs), jnp.asarray(targets))
+    logits_j, loss_j, grads_j = _jax_forward_and_grads(pair.jax_model, jnp.asarray(inputs), jnp.asarray(targets))
     logits_j = np.asarray(logits_j, np.float64)
 
     pair.torch_model.zero_grad()
-    logits_t = pair.torch_model(torch.from_numpy(inputs))
-    torch.nn.functional.cross_entropy(logits_t.flatten(0, 1), torch.from_numpy(targets).flatten()).backward()
-    logits_t = logits_t.detach().double().numpy()
+    logits_t = pair.torch_model(torch.from_numpy(inputs)).detach().double().numpy()
+    loss_t = pair.torch_model.loss(torch.from_numpy(inputs), torch.from_numpy(targets))
+    loss_t.backward()
+    loss_rel = abs(float(loss_j) - loss_t.item()) / abs(loss_t.item())
 
     logits_rel = float(np.abs(logits_j - logits_t).max() / np.abs(logits_t).max())
     kl_max = float(kl_per_token(logits_t, logits_j).max())
@@ -140,4 +145,4 @@ def compare(pair: Pair) -> Report:
         else:
             grad_rel[name] = float(np.abs(g_j - g_t).max() / scale)
     assert set(grad_rel) == set(grads_j), set(grad_rel) ^ set(grads_j)
-    return Report(logits_rel, kl_max, grad_rel)
+    return Report(logits_rel, kl_max, loss_rel, grad_rel)

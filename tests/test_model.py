@@ -72,7 +72,7 @@ def _run_layers(model, x, keep):
     h = model.embed_tokens(x) + model.embed_positions(jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape))
     for i, block in enumerate(model.layers):
         if keep[i]:
-            h = block(h, None)
+            h = block(h, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape))
     return model.embed_tokens.attend(model.final_norm(h))
 
 

@@ -60,13 +60,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, a.n_kv_head * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.n_head * a.head_dim, cfg.d_model, bias=a.out_bias)
         self.dropout = a.dropout
+        self.rope_theta = cfg.position.rope_theta if cfg.position.kind == "rope" else None
 
-    def forward(self, x, rope):
+    def forward(self, x, positions):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # [B, N, T, H]
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, H]
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
+        if self.rope_theta is not None:
+            rope = rope_angles(positions, self.head_dim, self.rope_theta)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         groups = self.n_head // self.n_kv_head  # query head n reads kv head n // groups
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -95,15 +97,34 @@ class MLP(nn.Module):
         return self.down_proj(self.dropout(h))
 
 
+def is_moe_layer(cfg, layer):
+    moe = cfg.moe
+    return moe.n_routed_experts > 0 and layer >= moe.first_k_dense and (layer - moe.first_k_dense) % moe.moe_every == 0
+
+
+def make_attention(cfg):
+    if cfg.attention.kind == "mla":
+        from torch_ref.mla import MultiHeadLatentAttention
+        return MultiHeadLatentAttention(cfg)
+    return Attention(cfg)
+
+
+def make_mlp(cfg, layer):
+    if is_moe_layer(cfg, layer):
+        from torch_ref.moe import MoE
+        return MoE(cfg)
+    return MLP(cfg)
+
+
 class Block(nn.Module):
     """Pre-norm: x + f(norm(x)). ReZero: no norms, x + alpha * f(x) with one alpha per layer."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
         self.attn_norm = None if cfg.rezero else make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = make_attention(cfg)
         self.mlp_norm = None if cfg.rezero else make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = make_mlp(cfg, layer)
         self.rezero_alpha = nn.Parameter(torch.zeros(())) if cfg.rezero else None
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -113,8 +134,8 @@ class Block(nn.Module):
             f_x = self.rezero_alpha * f_x
         return x + f_x
 
-    def forward(self, x, rope):
-        x = self.residual(x, self.attn(x if self.attn_norm is None else self.attn_norm(x), rope))
+    def forward(self, x, positions):
+        x = self.residual(x, self.attn(x if self.attn_norm is None else self.attn_norm(x), positions))
         return self.residual(x, self.mlp(x if self.mlp_norm is None else self.mlp_norm(x)))
 
 
@@ -125,7 +146,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position.kind == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.final_norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.lm_head_bias else None
@@ -146,14 +167,13 @@ class Transformer(nn.Module):
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         x = self.dropout(x)
-        rope = rope_angles(positions, cfg.attention.head_dim, cfg.position.rope_theta) if cfg.position.kind == "rope" else None
         for block in self.layers:
             if self.training and cfg.layerdrop > 0 and torch.rand(()) < cfg.layerdrop:
                 continue  # LayerDrop: skip the whole layer
             if self.training and cfg.remat:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, positions, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, positions)
         x = self.final_norm(x)
         logits = x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
         if self.lm_head_bias is not None:
@@ -161,8 +181,10 @@ class Transformer(nn.Module):
         return logits
 
     def loss(self, tokens, targets):
+        """Next-token cross-entropy plus every auxiliary loss the layers recorded in this forward."""
         logits = self(tokens)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        aux = sum(m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + aux
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -18,9 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.model.params import Buffer
+
 # Projection name -> how many leading dims of the jaxllm weight are input dims.
-LINEAR_IN_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
-                  "gate_proj": 1, "up_proj": 1, "down_proj": 1, "lm_head": 1}
+LINEAR_IN_DIMS = {
+    "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1, "lm_head": 1,
+    # Multi-head Latent Attention, DeepSeek names (HF) and the seed-004 names
+    "q_a_proj": 1, "q_b_proj": 1, "kv_a_proj_with_mqa": 1, "kv_b_proj": 1,
+    "q_proj_d": 1, "q_proj_u": 1, "kv_proj_d": 1, "k_proj_u": 1, "v_proj_u": 1, "rope_q": 1, "rope_k": 1,
+    # Mixture-of-Experts
+    "router": 1, "noise_proj": 1, "shared_expert_gate": 1,
+}
+# Stacked routed-expert weights `...experts.<name>`: jaxllm [E, in, out], torch_ref [E, out, in].
+EXPERTS = "experts"
 
 
 class ConversionError(ValueError):
@@ -35,8 +45,15 @@ def _linear(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _stacked_expert(key: str) -> bool:
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-2] == EXPERTS
+
+
 def torch_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The torch_ref shape of the jaxllm tensor `key` of `shape`."""
+    if _stacked_expert(key):
+        return (*shape[:-2], shape[-1], shape[-2])
     linear = _linear(key)
     if linear is None:
         return tuple(shape)
@@ -48,6 +65,8 @@ def torch_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def to_torch_layout(key: str, a: np.ndarray) -> np.ndarray:
+    if _stacked_expert(key):
+        return np.array(np.swapaxes(a, -1, -2), order="C")
     shape = torch_shape(key, a.shape)
     linear = _linear(key)
     if linear is not None and linear[1] == "weight":
@@ -56,6 +75,8 @@ def to_torch_layout(key: str, a: np.ndarray) -> np.ndarray:
 
 
 def from_torch_layout(key: str, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if _stacked_expert(key):
+        return np.array(np.swapaxes(t, -1, -2), order="C")
     linear = _linear(key)
     if linear is not None and linear[1] == "weight":
         return np.array(t.T, order="C").reshape(shape)
@@ -63,7 +84,9 @@ def from_torch_layout(key: str, t: np.ndarray, shape: tuple[int, ...]) -> np.nda
 
 
 def _params(model_or_state) -> dict[str, nnx.Variable]:
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    """Parameters and buffers (persistent non-trained state, e.g. the V3 router bias) by key."""
+    state = (model_or_state if isinstance(model_or_state, nnx.State)
+             else nnx.state(model_or_state, nnx.Any(nnx.Param, Buffer)))
     return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
 
 

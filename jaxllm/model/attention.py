@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.embeddings import apply_rope
+from jaxllm.model.embeddings import apply_rope, rope_angles
 from jaxllm.model.params import DTYPES, Einsum
 
 
@@ -53,12 +53,14 @@ class Attention(nnx.Module):
         self.o_proj = Einsum((n, h), (d,), ("heads", "head_dim"), ("embed",), bias=a.out_bias, **kw)
         self.dropout = nnx.Dropout(a.dropout, deterministic=True, rngs=rngs)
         self.window = a.window
+        self.rope_theta = cfg.position.rope_theta if cfg.position.kind == "rope" else None
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         q = self.q_proj("BTD,DNH->BTNH", x)
         k = self.k_proj("BSD,DKH->BSKH", x)
         v = self.v_proj("BSD,DKH->BSKH", x)
-        if rope is not None:
+        if self.rope_theta is not None:
+            rope = rope_angles(positions, q.shape[-1], self.rope_theta)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o = attend(q, k, v, window=self.window, dropout=self.dropout)
         return self.o_proj("BTNH,NHD->BTD", o)

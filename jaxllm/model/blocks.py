@@ -12,6 +12,27 @@ from jaxllm.model.norms import make_norm
 from jaxllm.model.params import param
 
 
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    moe = cfg.moe
+    return moe.n_routed_experts > 0 and layer >= moe.first_k_dense and (layer - moe.first_k_dense) % moe.moe_every == 0
+
+
+def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    if cfg.attention.kind == "mla":
+        from jaxllm.model.mla import MultiHeadLatentAttention
+
+        return MultiHeadLatentAttention(cfg, rngs=rngs)
+    return Attention(cfg, rngs=rngs)
+
+
+def make_mlp(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
+    if is_moe_layer(cfg, layer):
+        from jaxllm.model.moe import MoE
+
+        return MoE(cfg, rngs=rngs)
+    return MLP(cfg, rngs=rngs)
+
+
 class Block(nnx.Module):
     """x + f(norm(x)) for f in (attention, mlp).
 
@@ -19,11 +40,11 @@ class Block(nnx.Module):
     sublayers: x + alpha * f(x) (Bachlechner et al. 2020, as in the official `rztx.py`).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.attn_norm = None if cfg.rezero else make_norm(cfg)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = make_attention(cfg, rngs=rngs)
         self.mlp_norm = None if cfg.rezero else make_norm(cfg)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = make_mlp(cfg, layer, rngs=rngs)
         self.rezero_alpha = param(None, (), (), "zeros") if cfg.rezero else None
         self.dropout = nnx.Dropout(cfg.dropout, deterministic=True, rngs=rngs)
 
@@ -33,9 +54,9 @@ class Block(nnx.Module):
             f_x = self.rezero_alpha[...].astype(f_x.dtype) * f_x
         return x + f_x
 
-    def __call__(self, x: jax.Array, rope) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         h = x if self.attn_norm is None else self.attn_norm(x)
-        x = self._residual(x, self.attn(h, rope))
+        x = self._residual(x, self.attn(h, positions))
         h = x if self.mlp_norm is None else self.mlp_norm(x)
         return self._residual(x, self.mlp(h))
 

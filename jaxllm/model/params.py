@@ -44,3 +44,13 @@ class Einsum(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+class AuxLoss(nnx.Intermediate):
+    """An auxiliary training loss a layer records during its forward (already multiplied by its
+    coefficient): `self.sow(AuxLoss, "name", value)`. `lm_loss` pops and adds them all."""
+
+
+class Buffer(nnx.Variable):
+    """Persistent state that is saved and converted with the parameters but not trained by the
+    optimiser (which updates `nnx.Param` only), like a torch buffer: e.g. the V3 router bias."""

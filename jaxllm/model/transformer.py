@@ -8,16 +8,16 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.blocks import Block, LayerDrop
-from jaxllm.model.embeddings import Embed, rope_angles
+from jaxllm.model.embeddings import Embed
 from jaxllm.model.norms import make_norm
-from jaxllm.model.params import DTYPES, param
+from jaxllm.model.params import DTYPES, AuxLoss, param
 
 
-def _run_block(block: Block, x: jax.Array, rope) -> jax.Array:
-    return block(x, rope)
+def _run_block(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
+    return block(x, positions)
 
 
-def _skip_block(block: Block, x: jax.Array, rope) -> jax.Array:
+def _skip_block(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
     return x
 
 
@@ -38,7 +38,7 @@ class Transformer(nnx.Module):
         self.embed_positions = (Embed(cfg.max_seq_len, cfg.d_model, ("positions", "embed"), **kw)
                                 if cfg.position.kind == "learned" else None)
         self.dropout = nnx.Dropout(cfg.dropout, deterministic=True, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)])
         self.layerdrop = LayerDrop(cfg.layerdrop, rngs=rngs)
         self.final_norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
@@ -52,15 +52,13 @@ class Transformer(nnx.Module):
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         x = self.dropout(x)
-        rope = (rope_angles(positions, cfg.attention.head_dim, cfg.position.rope_theta)
-                if cfg.position.kind == "rope" else None)
         run = _run_block_remat if cfg.remat else _run_block
         keep = self.layerdrop.keep(len(self.layers))
         for i, block in enumerate(self.layers):
             if keep is None:
-                x = run(block, x, rope)
+                x = run(block, x, positions)
             else:
-                x = nnx.cond(keep[i], run, _skip_block, block, x, rope)
+                x = nnx.cond(keep[i], run, _skip_block, block, x, positions)
         x = self.final_norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         if self.lm_head_bias is not None:
@@ -85,5 +83,14 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
+def pop_aux_losses(model: Transformer) -> jax.Array:
+    """The sum of the auxiliary losses (already weighted by their coefficients) that layers
+    recorded with `self.sow(AuxLoss, ...)` during the last forward, removed from the model."""
+    losses = jax.tree.leaves(nnx.pop(model, AuxLoss))
+    return sum(losses, jnp.zeros((), jnp.float32))
+
+
 def lm_loss(model: Transformer, tokens: jax.Array, targets: jax.Array) -> jax.Array:
-    return cross_entropy(model(tokens), targets)
+    """Next-token cross-entropy plus every auxiliary loss (MoE balance, z-loss...) of the forward."""
+    logits = model(tokens)
+    return cross_entropy(logits, targets) + pop_aux_losses(model)
