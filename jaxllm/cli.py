@@ -11,6 +11,7 @@ from jaxllm.config import ConfigError
 
 COMMANDS = {
     "verify": ("jaxllm.verify", "parameter counts and a forward/backward check of every preset"),
+    "bench": ("jaxllm.benchmarks", "benchmarks: train (jaxllm vs torch_ref step time), moe (expert dispatch)"),
 }
 
 

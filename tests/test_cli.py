@@ -88,3 +88,15 @@ def test_jaxllm_entry_point_runs_verify():
     result = run("-m", "jaxllm.cli", "verify", "configs/tiny-gpt.yaml")
     assert result.returncode == 0 and "tiny-gpt" in result.stdout and "ok: loss" in result.stdout
     assert run("-m", "jaxllm.cli", "frobnicate").returncode == 2
+
+
+def test_small_variant_keeps_every_switch():
+    from jaxllm.verify import small_variant
+
+    big = load_config(ROOT / "configs/llama-374m.yaml", ["model.attention.window=512", "model.attention.n_kv_head=4"])
+    small = small_variant(big).model
+    assert count_params(small) < 1e6
+    m = big.model
+    assert (small.position, small.norm, small.mlp.kind, small.tie_embeddings, small.dtype) == \
+        (m.position, m.norm, m.mlp.kind, m.tie_embeddings, m.dtype)
+    assert small.attention.window == 16 and small.attention.n_kv_head < small.attention.n_head

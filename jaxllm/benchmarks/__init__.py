@@ -1,0 +1,61 @@
+"""`jaxllm bench <section>` / `python scripts/bench.py <section>`: benchmarks that print a table.
+
+Sections: `train` (jitted train step, jaxllm beside torch_ref on the same config and machine)
+and `moe` (grouped vs dense expert dispatch). Record results in BENCHMARKS.md with device,
+versions, date and the exact command. Timing lives here, never in a test's assertion.
+
+MFU, as DESIGN.md defines it: (6 * active non-embedding params + 12 * layers * width * seq)
+* tokens/s / peak, with peak = 989e12 (H100 bf16 dense, not the 1979 sparsity figure). Embedding
+tables that are only looked up (positions; tokens when the head is untied) are excluded; a tied
+table counts once, as the LM head matmul. Active MoE params count top-k routed + shared experts.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+
+SECTIONS = {"train": "jaxllm.benchmarks.train", "moe": "jaxllm.benchmarks.moe"}
+PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
+
+
+def peak_flops(device) -> float | None:
+    """bf16 dense peak of a device, or None where MFU is not meaningful (CPU)."""
+    kind = getattr(device, "device_kind", "")
+    return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+def flops_per_token(model_cfg, seq: int) -> float:
+    """Training FLOPs per token: 6 * active non-embedding params + 12 * L * D * seq."""
+    from flax import nnx
+
+    from jaxllm.model import Transformer
+
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    active = 0.0
+    moe = model_cfg.moe
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name = ".".join(map(str, path))
+        n = math.prod(var.shape)
+        if name.startswith("embed_positions") or (name.startswith("embed_tokens") and not model_cfg.tie_embeddings):
+            continue
+        if ".experts." in name and moe.n_routed_experts:
+            n *= moe.num_experts_per_tok / moe.n_routed_experts
+        active += n
+    return 6 * active + 12 * model_cfg.n_layer * model_cfg.d_model * seq
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in SECTIONS:
+        if argv and argv[0] in ("-h", "--help"):
+            print(__doc__)
+            return 0
+        from jaxllm.config import ConfigError
+
+        got = repr(argv[0]) if argv else "nothing"
+        raise ConfigError(f"unknown benchmark section {got}; allowed: {', '.join(SECTIONS)}")
+    return importlib.import_module(SECTIONS[argv[0]]).run(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Benchmarks: `python scripts/bench.py train|moe [options]`. See `--help` of each section."""
+import sys
+
+from jaxllm.cli import run
+
+if __name__ == "__main__":
+    sys.exit(run("bench", sys.argv[1:]))
