@@ -5,6 +5,7 @@ no traceback unless `--debug` is given.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 from jaxllm.config import ConfigError
@@ -13,6 +14,13 @@ COMMANDS = {
     "verify": ("jaxllm.verify", "parameter counts and a forward/backward check of every preset"),
     "bench": ("jaxllm.benchmarks", "benchmarks: train (jaxllm vs torch_ref step time), moe (expert dispatch)"),
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command-line value is one line (`error: prog: message`), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
 
 
 def user_errors() -> tuple[type[Exception], ...]:

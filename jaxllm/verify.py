@@ -3,11 +3,12 @@ cost no memory) and a real forward and backward pass on a dummy batch: of the pr
 it is small enough, else of a small variant with the same switches."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
 from pathlib import Path
+
+from jaxllm.cli import ArgumentParser
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -68,7 +69,7 @@ def presets(paths: list[str]) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm verify", description=__doc__)
+    parser = ArgumentParser(prog="jaxllm verify", description=__doc__)
     parser.add_argument("configs", nargs="*", help="preset YAML files (default: every file in configs/) "
                         "and key=value overrides applied to each, e.g. model.n_layer=2")
     parser.add_argument("--max-params", type=float, default=100.0,

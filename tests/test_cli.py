@@ -100,3 +100,9 @@ def test_small_variant_keeps_every_switch():
     assert (small.position, small.norm, small.mlp.kind, small.tie_embeddings, small.dtype) == \
         (m.position, m.norm, m.mlp.kind, m.tie_embeddings, m.dtype)
     assert small.attention.window == 16 and small.attention.n_kv_head < small.attention.n_head
+
+
+@pytest.mark.parametrize("args", [["--max-params", "lots"], ["--platform", "gpu"], ["--bogus"]])
+def test_bad_command_line_values_are_one_line(args):
+    result = run("scripts/verify.py", *args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")

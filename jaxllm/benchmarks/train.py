@@ -2,9 +2,10 @@
 torch.compile with --compile) on the same config, batch and machine."""
 from __future__ import annotations
 
-import argparse
 import platform
 import time
+
+from jaxllm.cli import ArgumentParser
 
 
 def _time(step, n_warmup: int, n_steps: int, sync) -> float:
@@ -74,7 +75,7 @@ def torch_step_time(cfg, batch: int, seq: int, n_warmup: int, n_steps: int, comp
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bench.py train", description=__doc__)
+    parser = ArgumentParser(prog="bench.py train", description=__doc__)
     parser.add_argument("--config", default="configs/tiny-gpt.yaml", help="preset YAML (default: configs/tiny-gpt.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.n_layer=4")
     parser.add_argument("--batch", type=int, default=12, help="sequences per step (default: 12)")
