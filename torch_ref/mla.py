@@ -1,0 +1,123 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) and the seed-004 variant, in plain PyTorch.
+
+DeepSeek (Hugging Face names): queries from q_proj, or q_a_proj -> q_a_layernorm -> q_b_proj;
+kv_a_proj_with_mqa gives [c_kv | k_rope], kv_a_layernorm normalises c_kv, kv_b_proj gives per head
+[k_nope | v]; the one rope key is shared by every head. Seed 004: q_proj_d / q_proj_u / rope_q for
+the queries, kv_proj_d / k_proj_u / v_proj_u for keys and values, rope_k gives a rope key per head
+from x; no latent norms. Scores use 1/sqrt(nope + rope), times mscale^2 under YaRN.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torch_ref.model import causal_mask
+
+
+def yarn_get_mscale(factor, mscale):
+    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def softmax_scale(mla):
+    scale = (mla.qk_nope_head_dim + mla.qk_rope_head_dim) ** -0.5
+    if mla.yarn_factor is not None:
+        scale = scale * yarn_get_mscale(mla.yarn_factor, mla.yarn_mscale_all_dim) ** 2
+    return scale
+
+
+def rope_amplitude(mla):
+    """YaRN scales cos and sin by mscale(f, mscale) / mscale(f, mscale_all_dim)."""
+    if mla.yarn_factor is None:
+        return 1.0
+    return yarn_get_mscale(mla.yarn_factor, mla.yarn_mscale) / yarn_get_mscale(mla.yarn_factor, mla.yarn_mscale_all_dim)
+
+
+def rope_inv_freq(mla, theta):
+    """[R/2] inverse frequencies; with YaRN as Hugging Face's DeepseekV2YarnRotaryEmbedding."""
+    dim = mla.qk_rope_head_dim
+    freq_extra = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if mla.yarn_factor is None:
+        return freq_extra
+    freq_inter = 1.0 / (mla.yarn_factor * theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+    def correction_dim(num_rotations):
+        return dim * math.log(mla.yarn_original_max_position / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(mla.yarn_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(mla.yarn_beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1.0 - ramp
+    return freq_inter * (1 - extrapolate) + freq_extra * extrapolate
+
+
+def apply_rope(x, angles, amplitude, layout):
+    """Rotate x [B, T, heads, R] by angles [B, T, 1, R/2]."""
+    if layout == "interleaved":  # pairs (2i, 2i+1) as complex numbers, as DeepSeek's official code
+        freqs_cis = torch.polar(torch.full_like(angles, amplitude), angles)
+        x = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(x * freqs_cis).flatten(-2)
+    cos, sin = amplitude * angles.cos(), amplitude * angles.sin()  # pairs (i, i + R/2), as HF Llama
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        a, m = cfg.attention, cfg.attention.mla
+        d, n, c, cq = cfg.d_model, a.n_head, m.kv_lora_rank, m.q_lora_rank
+        nope, r, hv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        self.mla, self.n_head, self.window, self.dropout = m, n, a.window, a.dropout
+        self.rope_theta = cfg.position.rope_theta
+        if m.variant == "seed004":
+            self.kv_proj_d = nn.Linear(d, c, bias=a.qkv_bias)
+            self.q_proj_d = nn.Linear(d, cq, bias=a.qkv_bias)
+            self.k_proj_u = nn.Linear(c, n * nope, bias=False)
+            self.v_proj_u = nn.Linear(c, n * hv, bias=False)
+            self.q_proj_u = nn.Linear(cq, n * nope, bias=False)
+            self.rope_k = nn.Linear(d, n * r, bias=False)
+            self.rope_q = nn.Linear(cq, n * r, bias=False)
+        else:
+            if cq is None:
+                self.q_proj = nn.Linear(d, n * (nope + r), bias=False)
+            else:
+                self.q_a_proj = nn.Linear(d, cq, bias=a.qkv_bias)
+                self.q_a_layernorm = nn.RMSNorm(cq, eps=m.latent_norm_eps)
+                self.q_b_proj = nn.Linear(cq, n * (nope + r), bias=False)
+            self.kv_a_proj_with_mqa = nn.Linear(d, c + r, bias=a.qkv_bias)
+            self.kv_a_layernorm = nn.RMSNorm(c, eps=m.latent_norm_eps)
+            self.kv_b_proj = nn.Linear(c, n * (nope + hv), bias=False)
+        self.o_proj = nn.Linear(n * hv, d, bias=a.out_bias)
+
+    def forward(self, x, positions):
+        B, T, _ = x.shape
+        m, N = self.mla, self.n_head
+        nope, R, Hv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        if m.variant == "seed004":
+            c_q = self.q_proj_d(x)
+            q_nope = self.q_proj_u(c_q).view(B, T, N, nope)
+            q_rope = self.rope_q(c_q).view(B, T, N, R)
+            c_kv = self.kv_proj_d(x)
+            k_nope = self.k_proj_u(c_kv).view(B, T, N, nope)
+            v = self.v_proj_u(c_kv).view(B, T, N, Hv)
+            k_rope = self.rope_k(x).view(B, T, N, R)  # one rope key per head
+        else:
+            q = self.q_proj(x) if m.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_nope, q_rope = q.view(B, T, N, nope + R).split([nope, R], dim=-1)
+            c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, R], dim=-1)
+            kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, N, nope + Hv)
+            k_nope, v = kv.split([nope, Hv], dim=-1)
+            k_rope = k_rope.view(B, T, 1, R)  # one rope key shared by all heads
+        angles = (positions.float()[..., None] * rope_inv_freq(m, self.rope_theta))[:, :, None, :]  # [B, T, 1, R/2]
+        amplitude = rope_amplitude(m)
+        q_rope = apply_rope(q_rope, angles, amplitude, m.rope_layout)
+        k_rope = apply_rope(k_rope, angles, amplitude, m.rope_layout)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)                        # [B, N, T, nope+R]
+        k = torch.cat([k_nope, k_rope.expand(B, T, N, R)], dim=-1).transpose(1, 2)
+        mask = causal_mask(T, self.window).to(x.device)
+        y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=softmax_scale(m),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, N * Hv))
