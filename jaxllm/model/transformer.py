@@ -1,6 +1,8 @@
 """The decoder-only language model."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -17,11 +19,18 @@ def _run_block(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
     return block(x, positions)
 
 
-def _skip_block(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
-    return x
+def _skip_block(block: Block, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return x, jnp.zeros((), jnp.float32)
 
 
 _run_block_remat = nnx.remat(_run_block)
+
+
+def _run_block_and_pop_aux(run, block: Block, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """LayerDrop's kept branch: the block's aux losses leave as a value, because both nnx.cond
+    branches must leave the same state (a skipped layer records none)."""
+    x = run(block, x, positions)
+    return x, pop_aux_losses(block)
 
 
 class Transformer(nnx.Module):
@@ -58,7 +67,9 @@ class Transformer(nnx.Module):
             if keep is None:
                 x = run(block, x, positions)
             else:
-                x = nnx.cond(keep[i], run, _skip_block, block, x, positions)
+                x, aux = nnx.cond(keep[i], functools.partial(_run_block_and_pop_aux, run), _skip_block,
+                                  block, x, positions)
+                self.sow(AuxLoss, "layerdrop_aux_losses", aux)
         x = self.final_norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         if self.lm_head_bias is not None:

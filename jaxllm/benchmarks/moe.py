@@ -1,0 +1,69 @@
+"""`bench moe`: step time of the MoE model (jitted forward + backward of the full loss) with the
+grouped (sorted, jax.lax.ragged_dot) dispatch against the dense reference (every expert on every
+token), on the seed-002 shape. On CPU the default is a reduced depth (2 layers) and a small batch
+so that it runs in about a minute; pass --layers/--batch/--seq for the full shape on an accelerator.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+from pathlib import Path
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "seed002-customllm.yaml"
+
+
+def step_time(cfg, batch: int, seq: int, steps: int) -> float:
+    """Median seconds per jitted forward+backward step (after one compile-and-run step)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxllm.model import Transformer, lm_loss
+
+    model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+    model.train()
+    tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.model.vocab_size)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    @nnx.jit
+    def step(model, inputs, targets):
+        return nnx.value_and_grad(lm_loss)(model, inputs, targets)
+
+    jax.block_until_ready(step(model, inputs, targets))  # compile
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(step(model, inputs, targets))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench moe", description=__doc__)
+    parser.add_argument("--config", default=str(CONFIG), help="MoE preset (default: seed002-customllm)")
+    parser.add_argument("--layers", type=int, default=2, help="model.n_layer override (default 2: CPU-sized)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after the compile step")
+    parser.add_argument("--dispatch", default="grouped,dense", help="comma-separated: grouped, dense")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from jaxllm.config import load_config
+
+    device = jax.devices()[0]
+    print(f"bench moe: {Path(args.config).stem}, n_layer={args.layers}, batch {args.batch} x {args.seq} tokens, "
+          f"float32 params, forward+backward of CE + aux losses, median of {args.steps} steps")
+    print(f"device: {device.platform} ({device.device_kind}), jax {jax.__version__}, "
+          f"{datetime.date.today().isoformat()}")
+    print(f"{'dispatch':10s} {'experts':>8s} {'top-k':>6s} {'ms/step':>10s} {'tokens/s':>10s}")
+    for dispatch in args.dispatch.split(","):
+        cfg = load_config(args.config, [f"model.n_layer={args.layers}", f"model.moe.dispatch={dispatch}",
+                                        f"model.max_seq_len={max(args.seq, 1)}", f"train.seq_len={args.seq}"])
+        seconds = step_time(cfg, args.batch, args.seq, args.steps)
+        moe = cfg.model.moe
+        print(f"{dispatch:10s} {moe.n_routed_experts:8d} {moe.num_experts_per_tok:6d} {seconds * 1e3:10.1f} "
+              f"{args.batch * args.seq / seconds:10.0f}", flush=True)
+    return 0
