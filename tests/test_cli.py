@@ -106,3 +106,19 @@ def test_small_variant_keeps_every_switch():
 def test_bad_command_line_values_are_one_line(args):
     result = run("scripts/verify.py", *args)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+
+
+def test_seed004_is_exactly_973_12m():
+    d, c, heads, nope, rope, v, f, layers, vocab = 768, 192, 12, 32, 32, 64, 1536, 30, 49152
+    mla = (d * c + c * heads * nope + c * heads * rope          # q_proj_d, q_proj_u, rope_q
+           + d * c + c * heads * nope + c * heads * v           # kv_proj_d, k_proj_u, v_proj_u
+           + d * heads * rope + heads * v * d)                  # rope_k, o_proj
+    assert mla == 1_548_288
+    layer = mla + (1 + 7) * 3 * d * f + d * 7 + 2 * d          # shared + routed SwiGLU, router, 2 RMSNorms
+    total = vocab * d + 2048 * d + layers * layer + d * vocab + vocab + d  # + head, head bias, final norm
+    m = load_config(ROOT / "configs/seed004-customllm.yaml").model
+    assert count_params(m) == total and f"{total / 1e6:.2f}M" == "973.12M"
+
+
+def test_deepseek_v2_lite_shape_is_15_7b():
+    assert round(count_params(load_config(ROOT / "configs/deepseek-v2-lite-shape.yaml").model) / 1e9, 1) == 15.7

@@ -104,14 +104,14 @@ def is_moe_layer(cfg, layer):
 
 def make_attention(cfg):
     if cfg.attention.kind == "mla":
-        from torch_ref.mla import MultiHeadLatentAttention
+        from torch_ref.mla import MultiHeadLatentAttention  # imported here: it builds on this file
         return MultiHeadLatentAttention(cfg)
     return Attention(cfg)
 
 
 def make_mlp(cfg, layer):
     if is_moe_layer(cfg, layer):
-        from torch_ref.moe import MoE
+        from torch_ref.moe import MoE  # imported here: it builds on this file
         return MoE(cfg)
     return MLP(cfg)
 

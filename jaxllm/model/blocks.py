@@ -7,7 +7,9 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.attention import Attention
+from jaxllm.model.mla import MultiHeadLatentAttention
 from jaxllm.model.mlp import MLP
+from jaxllm.model.moe import MoE
 from jaxllm.model.norms import make_norm
 from jaxllm.model.params import param
 
@@ -19,16 +21,12 @@ def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
 
 def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     if cfg.attention.kind == "mla":
-        from jaxllm.model.mla import MultiHeadLatentAttention
-
         return MultiHeadLatentAttention(cfg, rngs=rngs)
     return Attention(cfg, rngs=rngs)
 
 
 def make_mlp(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
     if is_moe_layer(cfg, layer):
-        from jaxllm.model.moe import MoE
-
         return MoE(cfg, rngs=rngs)
     return MLP(cfg, rngs=rngs)
 
