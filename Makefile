@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test parity verify clean
+.PHONY: setup test parity verify train clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,14 @@ parity: setup
 
 verify: setup
 	$(PY) scripts/verify.py
+
+# Seed 003's char-level GPT on the embedded corpus (Python's own stdlib .py files; no download):
+# a few minutes of CPU, then a checkpoint, runs/seed003/loss.png and a text sample.
+TRAIN_ARGS ?=
+train: setup
+	$(PY) scripts/train.py --config configs/seed003-char-gpt.yaml --run-dir runs/seed003 \
+		train.max_steps=150 train.warmup_steps=15 train.batch_size=16 train.eval_every=50 \
+		train.eval_batches=10 train.sample_every=75 train.checkpoint_every=75 $(TRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

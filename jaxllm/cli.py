@@ -12,6 +12,7 @@ from jaxllm.config import ConfigError
 
 COMMANDS = {
     "verify": ("jaxllm.verify", "parameter counts and a forward/backward check of every preset"),
+    "train": ("jaxllm.train.cli", "train a model: --config configs/X.yaml key=value ..."),
     "bench": ("jaxllm.benchmarks", "benchmarks: train (jaxllm vs torch_ref step time), moe (expert dispatch)"),
 }
 
@@ -26,8 +27,9 @@ class ArgumentParser(argparse.ArgumentParser):
 def user_errors() -> tuple[type[Exception], ...]:
     from jaxllm.convert import ConversionError
     from jaxllm.platform import PlatformError
+    from jaxllm.train.errors import DataError
 
-    return ConfigError, ConversionError, PlatformError
+    return ConfigError, ConversionError, PlatformError, DataError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,10 +136,53 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CurriculumStage:
+    """One curriculum stage (seed 002): train at this shape until validation perplexity <= until_ppl."""
+    seq_len: int
+    batch_size: int
+    until_ppl: float | None = None  # None: the last stage, kept to the end
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """Training (docs/training.md). Steps count optimizer updates; a batch is batch_size sequences."""
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = 8  # sequences per optimizer step, over all devices and accumulation steps
     seq_len: int | None = None  # None = model.max_seq_len
+    # data and tokenizer
+    data: str = "stdlib"  # a .txt/.jsonl file, a directory of them, or 'stdlib' (Python's own .py files)
+    text_field: str = "text"  # JSONL: the field holding each document's text
+    max_corpus_bytes: int | None = 4_000_000  # 'stdlib' only: stop reading files after this many bytes
+    val_fraction: float = 0.1  # the last part of the token stream is the validation split
+    tokenizer: str = "char"  # 'char', 'bpe' (byte-level, trained on the corpus), or a tokenizer.json path
+    bpe_vocab_size: int = 4096
+    # optimisation
+    max_steps: int = 1000
+    grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
+    optimizer: Literal["adamw", "lion"] = "adamw"
+    lr: float = 1e-3  # peak learning rate, after linear warmup; cosine decay to min_lr at max_steps
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1  # decoupled; never on norms and biases
+    decay_embeddings: bool = False  # also decay the token / position tables
+    grad_clip: float | None = 1.0  # global-norm clipping (None: off)
+    # parallelism
+    mesh: str = "data:-1"  # mesh axes data, fsdp, tensor, expert; -1 takes the remaining devices
+    # evaluation, checkpoints, logging
+    eval_every: int = 200
+    eval_batches: int = 20
+    sample_every: int = 500  # 0: never
+    sample_tokens: int = 200
+    sample_prompt: str = "\n"
+    sample_temperature: float = 0.8
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # the last k, plus the best by validation loss
+    log_every: int = 10
+    wandb: Literal["offline", "online", "disabled"] = "offline"  # WANDB_MODE, when set, wins
+    wandb_project: str = "jaxllm"
+    curriculum: tuple[CurriculumStage, ...] = ()  # empty: one stage of batch_size x seq_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +215,10 @@ def _coerce(value, tp, path: str):
                 return _coerce(value, option, path)
             except ConfigError:
                 pass
+    elif origin is tuple:  # tuple[X, ...]: a YAML list
+        if isinstance(value, (list, tuple)):
+            (item,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
+            return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
             return _build(tp, value, path + ".")
@@ -290,11 +337,43 @@ def resolve(cfg: Config) -> Config:
         moe = dataclasses.replace(moe, shared_intermediate_size=moe.moe_intermediate_size)
     model = dataclasses.replace(m, attention=attention, mlp=mlp, moe=moe)
     train = cfg.train
-    _check(train.batch_size >= 1, "train.batch_size", train.batch_size, "an integer >= 1")
-    if train.seq_len is not None:
-        _check(1 <= train.seq_len <= model.max_seq_len, "train.seq_len", train.seq_len,
-               f"1..model.max_seq_len ({model.max_seq_len})")
+    _validate_train(train, model)
     return Config(model=model, train=train)
+
+
+def _validate_train(t: TrainConfig, model: ModelConfig) -> None:
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    if t.seq_len is not None:
+        _check(1 <= t.seq_len <= model.max_seq_len, "train.seq_len", t.seq_len,
+               f"1..model.max_seq_len ({model.max_seq_len})")
+    for name in ("max_steps", "grad_accum", "eval_every", "eval_batches", "checkpoint_every",
+                 "keep_checkpoints", "log_every", "sample_tokens", "bpe_vocab_size"):
+        _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
+    _check(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
+           f"a divisor of train.batch_size ({t.batch_size})")
+    _check(0.0 < t.val_fraction < 1.0, "train.val_fraction", t.val_fraction, "in (0, 1)")
+    _check(t.tokenizer in ("char", "bpe") or t.tokenizer.endswith(".json"), "train.tokenizer", t.tokenizer,
+           "'char', 'bpe' or a path to a tokenizer.json")
+    _check(t.lr > 0, "train.lr", t.lr, "> 0")
+    _check(0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"in [0, train.lr ({t.lr})]")
+    _check(0 <= t.warmup_steps < t.max_steps, "train.warmup_steps", t.warmup_steps,
+           f"in [0, train.max_steps ({t.max_steps}))")
+    for name in ("beta1", "beta2"):
+        _check(0.0 <= getattr(t, name) < 1.0, f"train.{name}", getattr(t, name), "in [0, 1)")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+    if t.grad_clip is not None:
+        _check(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "> 0 (or null for no clipping)")
+    _check(t.sample_every >= 0, "train.sample_every", t.sample_every, "an integer >= 0 (0 = never)")
+    _check(t.sample_temperature > 0, "train.sample_temperature", t.sample_temperature, "> 0")
+    for i, stage in enumerate(t.curriculum):
+        p = f"train.curriculum[{i}]."
+        _check(1 <= stage.seq_len <= model.max_seq_len, p + "seq_len", stage.seq_len,
+               f"1..model.max_seq_len ({model.max_seq_len})")
+        _check(stage.batch_size >= 1 and stage.batch_size % t.grad_accum == 0, p + "batch_size", stage.batch_size,
+               f"a positive multiple of train.grad_accum ({t.grad_accum})")
+        last = i == len(t.curriculum) - 1
+        _check((stage.until_ppl is None) == last, p + "until_ppl", stage.until_ppl,
+               "null for the last stage only" if last else "a perplexity > 1 (null only on the last stage)")
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:
@@ -368,5 +447,7 @@ def _validate_moe(moe: MoEConfig, n_layer: int) -> None:
         _check(moe.capacity_factor > 0, p + "capacity_factor", moe.capacity_factor, "> 0 (or null for dropless)")
     for name in ("aux_loss_coef", "z_loss_coef", "importance_loss_coef", "load_loss_coef", "bias_update_rate"):
         _check(getattr(moe, name) >= 0, p + name, getattr(moe, name), ">= 0")
+    if moe.shared_expert_gate:
+        _check(moe.n_shared_experts >= 1, p + "shared_expert_gate", True, "false unless n_shared_experts >= 1")
     if moe.bias_update_rate > 0:
         _check(moe.router == "sigmoid", p + "bias_update_rate", moe.bias_update_rate, "0 unless router is 'sigmoid'")

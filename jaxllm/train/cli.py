@@ -1,0 +1,65 @@
+"""`jaxllm train` / `python scripts/train.py`: train a model from a preset plus key=value overrides.
+
+    python scripts/train.py --config configs/seed003-char-gpt.yaml train.max_steps=500
+
+The run directory (default runs/<preset name>) receives the resolved config, the tokenizer, the
+tokenised corpus, checkpoints, metrics.jsonl and loss.png; running again there resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+
+from jaxllm.config import TrainConfig, _type_name
+
+
+def _train_fields_help() -> str:
+    lines = ["train.* fields (set with key=value, e.g. train.max_steps=2000), with their defaults:"]
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        kind = "list of {seq_len, batch_size, until_ppl}" if field.name == "curriculum" else _type_name(hints[field.name])
+        lines.append(f"  train.{field.name:20s} {field.default!r}  ({kind})")
+    lines.append("model.* fields: see configs/*.yaml and jaxllm/config.py (e.g. model.n_layer=4)")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, epilog=_train_fields_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (default: none)")
+    p.add_argument("--config", default=None, help="preset YAML (default: none, the built-in defaults)")
+    p.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="require a checkpoint in the run directory to continue from (default: off; a run "
+                        "directory with checkpoints is resumed anyway)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    p.add_argument("--platform", choices=["cpu", "cuda", "tpu", "metal"], default=None,
+                   help="JAX backend (default: JAX_PLATFORMS or jax's choice)")
+    p.add_argument("--coordinator", default=None,
+                   help="multi-host: coordinator host:port for jax.distributed (default: none; SLURM and "
+                        "TPU pods are detected)")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: process count (default: none)")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process (default: none)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors (default: off)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    from jaxllm.config import load_config
+    from jaxllm.platform import select_platform
+    from jaxllm.sharding import maybe_initialize_distributed
+
+    cfg = load_config(args.config, args.overrides)  # config mistakes fail before jax starts
+    maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # before backends start
+    select_platform(args.platform)
+
+    from jaxllm.train.loop import train
+
+    run_dir = Path(args.run_dir or Path("runs") / (Path(args.config).stem if args.config else "default"))
+    last = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if last.get(k) is not None)
+    print(f"done: step {last['step']}{', ' + summary if summary else ''}; run directory {run_dir}")
+    return 0

@@ -1,0 +1,229 @@
+"""The training loop: accumulation, resume, checkpoints, curriculum, outputs and CLI errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from jaxllm.cli import run
+from jaxllm.config import TrainConfig, load_config
+from jaxllm.sharding import make_mesh
+from jaxllm.train.checkpoint import Checkpointer
+from jaxllm.train.loop import Trainer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.n_layer=1", "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8",
+         "train.warmup_steps=2", "train.eval_batches=2", "train.sample_every=0", "train.mesh=data:8"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """About 40k characters of varied text, written by the test (no download)."""
+    rng = np.random.default_rng(0)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "runs", "far", "away", "é", "ß"]
+    lines = [" ".join(rng.choice(words, size=12)) + "." for _ in range(600)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def cfg_for(corpus, *overrides):
+    return load_config(ROOT / "configs/tiny-gpt.yaml", [*SMALL, f"train.data={corpus}", *overrides])
+
+
+def float_leaves(tree) -> list:
+    return [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
+
+
+def test_gradient_accumulation_4x2_equals_a_batch_of_8():
+    cfg1 = load_config(ROOT / "configs/tiny-gpt.yaml", SMALL + ["train.max_steps=10"])
+    cfg4 = load_config(ROOT / "configs/tiny-gpt.yaml", SMALL + ["train.max_steps=10", "train.grad_accum=4"])
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, cfg1.model.vocab_size, (8, 33), dtype=np.int32) for _ in range(3)]
+    mesh = make_mesh("data:1", jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        whole, accumulated = Trainer(cfg1, mesh), Trainer(cfg4, mesh)
+        initial = [np.asarray(x) for x in float_leaves(whole.state[0])]  # copied before donation
+        for batch in batches:
+            whole.state, _, _ = whole.train_step(whole.state, whole.put(batch))
+            for micro in np.split(batch, 4):
+                accumulated.state, _, _ = accumulated.train_step(accumulated.state, accumulated.put(micro))
+    moved = 0
+    for a, b, c in zip(float_leaves(whole.state[0]), float_leaves(accumulated.state[0]), initial, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+        moved += not np.allclose(np.asarray(a), c)
+    assert moved > 5  # the parameters did change: three real updates, not three no-ops
+
+
+def as_numbers(x) -> np.ndarray:
+    return np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+
+
+def read_params(run_dir: Path, step: int) -> dict:
+    return ocp.StandardCheckpointer().restore((run_dir / "checkpoints" / str(step) / "state").absolute())
+
+
+def test_resume_after_step_k_reproduces_the_uninterrupted_run_bit_for_bit(corpus, tmp_path):
+    # dropout on: the resumed run must also restore the RNG streams, not just params and data
+    cfg = cfg_for(corpus, "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=100",
+                  "train.log_every=1", "model.dropout=0.1")
+    whole = train(cfg, tmp_path / "whole", progress=False)
+    train(cfg, tmp_path / "split", progress=False, stop_after=3)
+    assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["3"]
+    resumed = train(cfg, tmp_path / "split", progress=False)
+    timeless = lambda record: {k: v for k, v in record.items() if k != "tokens_per_s"}  # noqa: E731
+    assert timeless(resumed) == timeless(whole)
+    a, b = read_params(tmp_path / "whole", 6), read_params(tmp_path / "split", 6)
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 10
+    for x, y in zip(leaves_a, leaves_b):  # parameters, Adam moments, step counts, dropout RNG keys
+        assert np.array_equal(as_numbers(x), as_numbers(y))
+    records = [[timeless(json.loads(line)) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("whole", "split")]
+    assert records[0] == records[1] and len(records[0]) == 6
+
+
+FINISHED = ["train.max_steps=8", "train.eval_every=4", "train.log_every=2", "train.checkpoint_every=4", "train.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("finished")
+    return run_dir, train(cfg_for(corpus, *FINISHED), run_dir, progress=False)
+
+
+def test_run_directory_holds_config_tokenizer_metrics_plot_and_checkpoints(corpus, finished_run):
+    tmp_path, last = finished_run
+    saved = load_config(tmp_path / "config.yaml")
+    distinct = set(corpus.read_text(encoding="utf-8")) | {"\ufffd"}
+    assert saved.model.vocab_size == len(distinct)  # the vocabulary comes from the tokenizer
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert records[-1]["val_loss"] == last["val_loss"] and records[-1]["mfu"] is None  # CPU: MFU n/a
+    assert abs(records[-1]["val_ppl"] - np.exp(records[-1]["val_loss"])) < 1e-6 * records[-1]["val_ppl"]
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    assert train_losses[-1] < train_losses[0] < 1.1 * np.log(saved.model.vocab_size)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["type"] == "char"
+
+
+def test_checkpoints_keep_the_last_k_plus_the_best_by_validation_loss(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2)
+    import grain
+
+    iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+    for step, val_loss in zip(range(1, 6), [5.0, 1.0, 4.0, None, 3.0]):
+        ckpt.save(step, {"w": np.full(3, step, np.float32)}, iterator, {"step": step}, val_loss)
+    ckpt.close()
+    assert sorted(Checkpointer(tmp_path, keep=2).all_steps()) == [2, 4, 5]
+
+
+def test_curriculum_moves_to_the_next_stage_when_validation_perplexity_crosses_the_threshold(corpus, tmp_path):
+    stages = "[{seq_len: 16, batch_size: 8, until_ppl: 1.0e9}, {seq_len: 32, batch_size: 16}]"
+    cfg = cfg_for(corpus, "train.max_steps=4", "train.eval_every=2", "train.log_every=1", f"train.curriculum={stages}")
+    train(cfg, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    shapes = [(r["step"], r["seq_len"], r["batch_size"]) for r in records if "loss" in r]
+    assert shapes == [(1, 16, 8), (2, 16, 8), (3, 32, 16), (4, 32, 16)]
+
+
+# --- the CLI, as a user meets it ------------------------------------------------------------
+
+
+def cli(argv, capsys):
+    code = run("train", [*argv, "--no-progress"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["train.max_step=5"], ["unknown field 'train.max_step'", "max_steps"]),  # typo
+    (["model.colour=1"], ["unknown field 'model.colour'"]),
+    (["train.optimizer=sgd"], ["train.optimizer", "'adamw' | 'lion'"]),
+    (["train.grad_accum=3"], ["train.grad_accum=3", "divisor of train.batch_size"]),
+    (["train.mesh=data:3"], ["train.mesh='data:3'", "8"]),
+])
+def test_config_mistakes_are_one_line_errors_that_write_nothing(overrides, needles, corpus, tmp_path, capsys):
+    code, _, err = cli(["--config", str(ROOT / "configs/tiny-gpt.yaml"), "--run-dir", str(tmp_path / "run"),
+                        *SMALL, f"train.data={corpus}", *overrides], capsys)
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_files_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    cases = [("missing.txt", ["missing.txt", "no such file or directory"]),
+             ("empty.txt", ["holds no text"]),
+             ("latin1.txt", ["latin1.txt", "not UTF-8"]),
+             ("bad.jsonl", ["bad.jsonl:2", "'text'"])]
+    for name, needles in cases:
+        code, _, err = cli(["--config", str(ROOT / "configs/tiny-gpt.yaml"), "--run-dir", str(tmp_path / f"run-{name}"),
+                            *SMALL, f"train.data={tmp_path / name}"], capsys)
+        assert_one_line_error(code, err, *needles)
+        assert not (tmp_path / f"run-{name}" / "config.yaml").exists()
+
+
+def test_incompatible_run_directory_is_refused_and_left_untouched(corpus, finished_run, tmp_path, capsys):
+    run_dir = finished_run[0]
+    base = ["--config", str(ROOT / "configs/tiny-gpt.yaml"), "--run-dir", str(run_dir), *SMALL,
+            f"train.data={corpus}", *FINISHED]
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    code, _, err = cli([*base, "model.d_model=32"], capsys)
+    assert_one_line_error(code, err, "model.d_model: 64 there, 32 now")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    code, _, err = cli(["--config", str(ROOT / "configs/tiny-gpt.yaml"), "--run-dir", str(tmp_path / "new"), *SMALL,
+                        f"train.data={corpus}", "--resume"], capsys)
+    assert_one_line_error(code, err, "--resume", "no checkpoint")
+    assert not (tmp_path / "new").exists()
+
+
+def test_help_lists_every_option_and_train_field_with_its_default():
+    result = subprocess.run([sys.executable, "scripts/train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    for option in ("--config", "--run-dir", "--resume", "--platform", "--coordinator", "--debug"):
+        assert option in result.stdout
+    for name, default in TrainConfig.__dataclass_fields__.items():
+        assert f"train.{name}" in result.stdout
+    assert "train.max_steps" in result.stdout and " 1000 " in result.stdout
+
+
+def test_train_step_applies_the_v3_router_bias_update():
+    from jaxllm.model.moe import MoE
+
+    gamma = 0.01
+    cfg = load_config(ROOT / "configs/tiny-gpt.yaml", SMALL + [
+        "train.max_steps=10", "model.mlp.kind=swiglu", "model.moe.n_routed_experts=4", "model.moe.num_experts_per_tok=2",
+        "model.moe.router=sigmoid", f"model.moe.bias_update_rate={gamma}", "model.moe.moe_intermediate_size=32"])
+    batch = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (8, 33), dtype=np.int32)
+    mesh = make_mesh("data:1", jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        trainer = Trainer(cfg, mesh)
+        trainer.state, _, _ = trainer.train_step(trainer.state, trainer.put(batch))
+        model, _ = nnx.merge(trainer.graphdef, trainer.state)
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, MoE)]
+    assert layers
+    for moe in layers:
+        load = np.asarray(moe.expert_load[...], np.float64)
+        assert load.sum() == 8 * 32 * 2  # every token picked 2 experts in the step's forward
+        expected = gamma * np.sign(load.mean() - load)  # from a zero bias: overloaded experts go down
+        np.testing.assert_allclose(np.asarray(moe.expert_bias[...]), expected, atol=1e-7)
+        assert np.any(expected != 0)
