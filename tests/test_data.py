@@ -62,8 +62,22 @@ def test_shuffling_is_deterministic_per_seed_covers_an_epoch_and_resumes_from_it
 def test_each_host_reads_its_own_slice():
     tokens = np.arange(8 * 40 + 1)
     hosts = [data.train_iterator(tokens, 8, 2, 0, process_index=i, process_count=2) for i in range(2)]
-    seen = [set(sum((next(it)[:, 0].tolist() for _ in range(10)), [])) for it in hosts]
+    single = data.train_iterator(tokens, 8, 4, 0)  # one process, the same global batch of 4
+    seen = [set(), set()]
+    for _ in range(10):
+        parts = [next(it) for it in hosts]
+        np.testing.assert_array_equal(np.concatenate(parts), next(single))  # host rows = its slice of the global batch
+        for part, rows in zip(parts, seen):
+            rows.update(part[:, 0].tolist())
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 40
+
+
+def test_host_evaluation_batches_are_slices_of_the_global_ones():
+    tokens = np.arange(8 * 40 + 1)
+    single = data.eval_batches(tokens, 8, 4, 3)
+    hosts = [data.eval_batches(tokens, 8, 2, 3, process_index=i, process_count=2) for i in range(2)]
+    for i in range(3):
+        np.testing.assert_array_equal(np.concatenate([hosts[0][i], hosts[1][i]]), single[i])
 
 
 def test_too_small_a_split_is_a_one_line_error():

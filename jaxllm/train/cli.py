@@ -12,6 +12,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
+from jaxllm.cli import ArgumentParser
 from jaxllm.config import TrainConfig, _type_name
 
 
@@ -25,8 +26,8 @@ def _train_fields_help() -> str:
     return "\n".join(lines)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__, epilog=_train_fields_help(),
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="train.py", description=__doc__, epilog=_train_fields_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value config overrides (default: none)")
     p.add_argument("--config", default=None, help="preset YAML (default: none, the built-in defaults)")

@@ -142,8 +142,10 @@ def train_iterator(tokens: np.ndarray, seq_len: int, batch: int, seed: int,
     import grain
 
     ds = _sequences(tokens, seq_len, batch, "training", process_index, process_count)
-    ds = ds[process_index::process_count].shuffle(seed=seed).repeat(None)  # a new order every epoch
-    ds = ds.batch(batch, drop_remainder=True)
+    ds = ds.shuffle(seed=seed).repeat(None)  # one global order, new every epoch
+    # Host h takes rows [h*batch, (h+1)*batch) of every global batch of process_count*batch rows:
+    # the same global batches as one process, and each host reads only its own rows.
+    ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
 
 
@@ -151,5 +153,5 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch: int, n_batches: int,
                  process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
     """The first n_batches batches of the validation split, in order (the same every evaluation)."""
     ds = _sequences(tokens, seq_len, batch, "validation", process_index, process_count)
-    ds = ds[process_index::process_count].batch(batch, drop_remainder=True)
+    ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]  # as in train_iterator
     return [ds[i] for i in range(min(n_batches, len(ds)))]
