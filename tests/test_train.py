@@ -227,3 +227,21 @@ def test_train_step_applies_the_v3_router_bias_update():
         expected = gamma * np.sign(load.mean() - load)  # from a zero bias: overloaded experts go down
         np.testing.assert_allclose(np.asarray(moe.expert_bias[...]), expected, atol=1e-7)
         assert np.any(expected != 0)
+
+
+def test_the_train_command_samples_from_a_finished_run_directory(corpus, finished_run, capsys):
+    run_dir, _ = finished_run
+    argv = ["--run-dir", str(run_dir), "--sample", "the quick", "train.sample_tokens=40", "train.seed=3"]
+    code, out, _ = cli(argv, capsys)
+    assert code == 0
+    header, text = out.split("\n", 1)
+    assert header.startswith(f"--- sample from {run_dir} at step 8")
+    text = text.rstrip("\n")
+    assert text.startswith("the quick") and len(text) == len("the quick") + 40
+    assert set(text) <= set(corpus.read_text(encoding="utf-8"))  # every sampled character is in the vocabulary
+    assert cli(argv, capsys)[1] == out  # seeded: the same text again
+
+
+def test_sampling_needs_a_run_directory(tmp_path, capsys):
+    code, _, err = cli(["--run-dir", str(tmp_path), "--sample", "hi"], capsys)
+    assert_one_line_error(code, err, "not a run directory")

@@ -51,6 +51,11 @@ class Checkpointer:
         ))
         return restored.state
 
+    def restore_state(self, step: int, target_state):
+        """Only the model + optimizer state (for sampling), laid out like `target_state`."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -36,6 +36,9 @@ def parser() -> ArgumentParser:
                    help="require a checkpoint in the run directory to continue from (default: off; a run "
                         "directory with checkpoints is resumed anyway)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    p.add_argument("--sample", metavar="PROMPT", default=None,
+                   help="do not train: print a continuation of PROMPT from the run directory's latest "
+                        "checkpoint (length and temperature: train.sample_tokens, train.sample_temperature)")
     p.add_argument("--platform", choices=["cpu", "cuda", "tpu", "metal"], default=None,
                    help="JAX backend (default: JAX_PLATFORMS or jax's choice)")
     p.add_argument("--coordinator", default=None,
@@ -57,9 +60,14 @@ def main(argv: list[str]) -> int:
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # before backends start
     select_platform(args.platform)
 
-    from jaxllm.train.loop import train
+    from jaxllm.train.loop import sample_from_run, train
 
     run_dir = Path(args.run_dir or Path("runs") / (Path(args.config).stem if args.config else "default"))
+    if args.sample is not None:
+        t = cfg.train
+        step, text = sample_from_run(run_dir, args.sample, t.sample_tokens, t.sample_temperature, t.seed)
+        print(f"--- sample from {run_dir} at step {step} ---\n{text}")
+        return 0
     last = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
     summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if last.get(k) is not None)
     print(f"done: step {last['step']}{', ' + summary if summary else ''}; run directory {run_dir}")
