@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 import time
 
+import numpy as np
+
 from jaxllm.cli import ArgumentParser
 
 
@@ -20,7 +22,7 @@ def _time(step, n_warmup: int, n_steps: int, sync) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def jax_step_time(cfg, batch: int, seq: int, n_warmup: int, n_steps: int) -> float:
+def jax_step_time(cfg, tokens, n_warmup: int, n_steps: int) -> float:
     import jax
     import optax
     from flax import nnx
@@ -28,6 +30,7 @@ def jax_step_time(cfg, batch: int, seq: int, n_warmup: int, n_steps: int) -> flo
     from jaxllm.model import Transformer, lm_loss
 
     model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+    model.train()  # dropout / LayerDrop as configured, like torch_ref's .train()
     optimizer = nnx.Optimizer(model, optax.adamw(3e-4, weight_decay=0.1), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
 
@@ -39,7 +42,7 @@ def jax_step_time(cfg, batch: int, seq: int, n_warmup: int, n_steps: int) -> flo
         return nnx.state((model, optimizer)), loss
 
     train_step = jax.jit(train_step, donate_argnums=0)
-    tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.model.vocab_size)
+    tokens = jax.numpy.asarray(tokens)
     box = [state]
 
     def step():
@@ -49,7 +52,7 @@ def jax_step_time(cfg, batch: int, seq: int, n_warmup: int, n_steps: int) -> flo
     return _time(step, n_warmup, n_steps, lambda loss: loss.block_until_ready())
 
 
-def torch_step_time(cfg, batch: int, seq: int, n_warmup: int, n_steps: int, compile_: bool) -> float:
+def torch_step_time(cfg, tokens, n_warmup: int, n_steps: int, compile_: bool) -> float:
     import torch
 
     from jaxllm.config import to_dict
@@ -58,7 +61,7 @@ def torch_step_time(cfg, batch: int, seq: int, n_warmup: int, n_steps: int, comp
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = Transformer(to_dict(cfg.model)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
-    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), device=device)
+    tokens = torch.from_numpy(tokens).long().to(device)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype)
     loss_fn = torch.compile(model.loss) if compile_ else model.loss
 
@@ -99,14 +102,15 @@ def run(argv: list[str]) -> int:
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}")
     print(f"config: {args.config} {' '.join(args.overrides)}; batch {args.batch} x seq {args.seq}; "
           f"{flops / 6e6:.2f}M active params-equivalent; MFU peak {'%.0f TFLOP/s' % (peak / 1e12) if peak else 'n/a (CPU)'}")
-    rows = [("jaxllm (jax.jit)", jax_step_time(cfg, args.batch, args.seq, args.warmup, args.steps))]
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
+    rows = [("jaxllm (jax.jit)", jax_step_time(cfg, tokens, args.warmup, args.steps))]  # the same batch for all
     if not args.no_torch:
         import torch
 
         rows.append((f"torch_ref eager (torch {torch.__version__})",
-                     torch_step_time(cfg, args.batch, args.seq, args.warmup, args.steps, False)))
+                     torch_step_time(cfg, tokens, args.warmup, args.steps, False)))
         if args.compile:
-            rows.append(("torch_ref torch.compile", torch_step_time(cfg, args.batch, args.seq, args.warmup, args.steps, True)))
+            rows.append(("torch_ref torch.compile", torch_step_time(cfg, tokens, args.warmup, args.steps, True)))
     print(f"{'implementation':36s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>7s}")
     for name, seconds in rows:
         tps = tokens_per_step / seconds
