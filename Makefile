@@ -36,8 +36,8 @@ verify: setup
 TRAIN_ARGS ?=
 train: setup
 	$(PY) scripts/train.py --config configs/seed003-char-gpt.yaml --run-dir runs/seed003 \
-		train.max_steps=150 train.warmup_steps=15 train.batch_size=16 train.eval_every=50 \
-		train.eval_batches=10 train.sample_every=75 train.checkpoint_every=75 $(TRAIN_ARGS)
+		train.max_steps=120 train.warmup_steps=12 train.batch_size=16 train.eval_every=40 \
+		train.eval_batches=10 train.sample_every=60 train.checkpoint_every=60 $(TRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
