@@ -27,16 +27,22 @@ def test_state_dict_keys_and_shapes_are_torch_refs():
     assert sd["layers.0.attn.o_proj.weight"].shape == (32, 4 * 8)
 
 
-def test_jax_torch_jax_round_trip_is_exact():
-    source = Transformer(CFG, rngs=nnx.Rngs(0))
-    torch_model = TorchTransformer(to_dict(CFG))
-    torch_model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in to_state_dict(source).items()})
-    target = Transformer(CFG, rngs=nnx.Rngs(1))
+def assert_jax_torch_jax_round_trip_is_exact(cfg, source):
+    """source -> torch_ref state_dict (matching torch_ref's own keys and shapes) -> a fresh model: equal bits."""
+    state_dict = to_state_dict(source)
+    torch_model = TorchTransformer(to_dict(cfg))
+    assert {k: v.shape for k, v in state_dict.items()} == {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+    torch_model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state_dict.items()})
+    target = Transformer(cfg, rngs=nnx.Rngs(1))
     from_state_dict(target, torch_model.state_dict())
     a, b = params(source), params(target)
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_jax_torch_jax_round_trip_is_exact():
+    assert_jax_torch_jax_round_trip_is_exact(CFG, Transformer(CFG, rngs=nnx.Rngs(0)))
 
 
 def test_torch_jax_torch_round_trip_is_exact():

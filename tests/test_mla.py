@@ -10,13 +10,13 @@ import torch
 from flax import nnx
 
 from jaxllm.config import MLAConfig, config_from_dict, to_dict
-from jaxllm.convert import from_state_dict, to_state_dict
 from jaxllm.convert.state_dict import to_torch_layout, torch_shape
 from jaxllm.model import Transformer
 from jaxllm.model.mla import MultiHeadLatentAttention, mscale_squared, rope_amplitude, rope_inv_freq, softmax_scale
 from torch_ref.mla import MultiHeadLatentAttention as TorchMLA
 from torch_ref.model import Transformer as TorchTransformer
 from torch_ref.model import namespace
+from tests.test_convert import assert_jax_torch_jax_round_trip_is_exact, params
 
 # seeds/004: (in_features, out_features) of every Linear inside MultiHeadLatentAttention.
 SEED004_PRINTOUT = {"kv_proj_d": (768, 192), "q_proj_d": (768, 192), "k_proj_u": (192, 384), "v_proj_u": (192, 768),
@@ -40,10 +40,6 @@ def randomized(cfg, seed=0):
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         var[...] = jnp.asarray(0.2 * rng.standard_normal(var.shape), jnp.float32)
     return model
-
-
-def params(model) -> dict[str, np.ndarray]:
-    return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def test_seed004_shapes_match_the_printout():
@@ -164,14 +160,4 @@ def test_latents_are_causal_and_share_one_rope_key_for_deepseek(mla):
 @pytest.mark.parametrize("mla", [DEEPSEEK, {**DEEPSEEK, "q_lora_rank": None}, {**DEEPSEEK, "variant": "seed004"}])
 def test_converter_round_trip_is_exact(mla):
     cfg = mla_model_config(mla, attention=dict(kind="mla", n_head=4, mla=mla, qkv_bias=True, out_bias=True))
-    source = randomized(cfg)
-    state_dict = to_state_dict(source)
-    torch_model = TorchTransformer(to_dict(cfg))
-    assert {k: v.shape for k, v in state_dict.items()} == {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
-    torch_model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state_dict.items()})
-    target = Transformer(cfg, rngs=nnx.Rngs(1))
-    from_state_dict(target, torch_model.state_dict())
-    a, b = params(source), params(target)
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert_jax_torch_jax_round_trip_is_exact(cfg, randomized(cfg))
