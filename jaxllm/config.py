@@ -195,11 +195,11 @@ class Config:
 # Building from plain data
 
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
     return "null" if tp is type(None) else tp.__name__
 
 
@@ -235,7 +235,7 @@ def _coerce(value, tp, path: str):
             return value
     elif isinstance(value, tp):
         return value
-    raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+    raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected {type_name(tp)}")
 
 
 def _build(cls, data: dict, prefix: str = ""):

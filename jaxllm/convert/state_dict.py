@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.files import atomic_path
 from jaxllm.model.params import Buffer
 
 # Projection name -> how many leading dims of the jaxllm weight are input dims.
@@ -131,14 +130,8 @@ def save_safetensors(path: str | Path, model, config: Mapping | None = None) -> 
     metadata = {"format": "pt"}
     if config is not None:
         metadata["jaxllm_config"] = json.dumps(config)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(to_state_dict(model), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(to_state_dict(model), str(tmp), metadata=metadata)
 
 
 def load_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict | None]:

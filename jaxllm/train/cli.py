@@ -13,14 +13,14 @@ import typing
 from pathlib import Path
 
 from jaxllm.cli import ArgumentParser
-from jaxllm.config import TrainConfig, _type_name
+from jaxllm.config import TrainConfig, type_name
 
 
 def _train_fields_help() -> str:
     lines = ["train.* fields (set with key=value, e.g. train.max_steps=2000), with their defaults:"]
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
-        kind = "list of {seq_len, batch_size, until_ppl}" if field.name == "curriculum" else _type_name(hints[field.name])
+        kind = "list of {seq_len, batch_size, until_ppl}" if field.name == "curriculum" else type_name(hints[field.name])
         lines.append(f"  train.{field.name:20s} {field.default!r}  ({kind})")
     lines.append("model.* fields: see configs/*.yaml and jaxllm/config.py (e.g. model.n_layer=4)")
     return "\n".join(lines)

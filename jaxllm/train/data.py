@@ -19,7 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxllm.train.errors import DataError, atomic_write
+from jaxllm.files import atomic_write
+from jaxllm.train.errors import DataError
 
 CHUNK_CHARS = 1 << 20
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")

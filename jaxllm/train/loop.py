@@ -19,13 +19,15 @@ import optax
 import yaml
 from flax import nnx
 
+from jaxllm.benchmarks import flops_per_token, peak_flops
 from jaxllm.config import Config, to_dict, to_yaml
+from jaxllm.files import atomic_write
 from jaxllm.model import Transformer, cross_entropy, lm_loss
 from jaxllm.model.moe import update_router_bias
 from jaxllm.sharding import batch_divisor, batch_sharding, make_mesh, state_shardings
 from jaxllm.train import data as data_lib
 from jaxllm.train.checkpoint import Checkpointer
-from jaxllm.train.errors import DataError, atomic_write
+from jaxllm.train.errors import DataError
 from jaxllm.train.monitor import MetricsLog, Wandb
 from jaxllm.train.optim import lr_schedule, make_optimizer
 from jaxllm.train.tokenizer import build_tokenizer, load_tokenizer
@@ -206,8 +208,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = 
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
     wandb = Wandb(t.wandb, t.wandb_project, run_dir, to_dict(cfg)) if is_main else None
     schedule = lr_schedule(t)
-    flops = _flops_per_token(cfg, plan[stage_index].seq_len)
-    peak = _peak_flops()
+    flops = flops_per_token(cfg.model, plan[stage_index].seq_len)
+    peak = peak_flops(jax.devices()[0])
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(trainer.state[0], nnx.Param)))
     if is_main:
         print(f"{n_params / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}, {len(train_tokens):,} train / "
@@ -248,7 +250,7 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = 
                     s = plan[stage_index]
                     say(f"curriculum: stage {stage_index} (batch {s.batch_size} x seq {s.seq_len})")
                     data_iter, evals = iterator(stage_index), val_batches(stage_index)
-                    flops = _flops_per_token(cfg, s.seq_len)
+                    flops = flops_per_token(cfg.model, s.seq_len)
             if record and is_main:
                 metrics.log(record)
                 wandb.log(record)
@@ -287,18 +289,6 @@ def _prepare_on_main_first(cfg: Config, run_dir: Path, is_main: bool):
 def _next_stage(plan, index: int, val_ppl: float) -> int:
     threshold = plan[index].until_ppl
     return index + 1 if threshold is not None and val_ppl <= threshold else index
-
-
-def _flops_per_token(cfg: Config, seq_len: int) -> float:
-    from jaxllm.benchmarks import flops_per_token
-
-    return flops_per_token(cfg.model, seq_len)
-
-
-def _peak_flops() -> float | None:
-    from jaxllm.benchmarks import peak_flops
-
-    return peak_flops(jax.devices()[0])
 
 
 def _progress(initial: int, total: int, enabled: bool):

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxllm.train.errors import atomic_write
+from jaxllm.files import atomic_write
 
 
 class MetricsLog:

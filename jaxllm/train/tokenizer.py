@@ -11,7 +11,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from jaxllm.train.errors import DataError, atomic_write
+from jaxllm.files import atomic_write
+from jaxllm.train.errors import DataError
 
 UNK = "\ufffd"  # the replacement character stands in for every character outside the vocabulary
 EOT = "<|endoftext|>"
