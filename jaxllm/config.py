@@ -114,6 +114,36 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """TiDAR dual-mode training (papers.md §1): the clean sequence plus a fully masked copy that
+    drafts each block of `block_size` tokens from the clean prefix strictly before the block."""
+    enabled: bool = False
+    block_size: int = 8
+    alpha: float = 1.0  # loss = (alpha * AR + diffusion) / (1 + alpha)
+    mask_token_id: int | None = None  # the reserved [MASK] id; None = the last id, vocab_size - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RecursionConfig:
+    """A looped core of layers with shared parameters (papers.md §2.6) or the TRM pattern (§2.1).
+
+    Layers [0, n_prelude) run once, layers [n_prelude, n_prelude + n_core) form the core, the
+    rest are the coda. `loop`: s = core(inject(s, e)) n_loops times, e the prelude's output.
+    `trm`: n_loops cycles of (z = core(inject(y + z, e)) n_latent_steps times; y = core(y + z)).
+    The first n_loops - n_grad_loops loops (cycles) run without gradient.
+    """
+    mode: Literal["none", "loop", "trm"] = "none"
+    n_prelude: int = 0
+    n_core: int = 1
+    n_loops: int = 4  # r (loop) or T (trm cycles); the mean of the draw when random_loops
+    n_grad_loops: int | None = None  # k: loops with gradient, the last ones; None = all
+    n_latent_steps: int = 6  # trm: n latent updates per cycle
+    inject: Literal["add", "concat"] = "add"  # s + e, or a linear map of [s, e] (Huginn's adapter)
+    init: Literal["zeros", "embedding", "random"] = "zeros"  # random: a fixed random vector (TRM)
+    random_loops: bool = False  # training only: r ~ Poisson(LogNormal(ln n_loops - 1/8, 1/2)) + 1
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 256
     d_model: int = 384
@@ -124,6 +154,8 @@ class ModelConfig:
     attention: AttentionConfig = AttentionConfig()
     mlp: MLPConfig = MLPConfig()
     moe: MoEConfig = MoEConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    recursion: RecursionConfig = RecursionConfig()
     tie_embeddings: bool = True
     lm_head_bias: bool = False
     dropout: float = 0.0  # on embeddings and on each sublayer output before the residual add
@@ -414,6 +446,32 @@ def _validate_model(m: ModelConfig) -> None:
         _validate_mla(a.mla)
     if m.moe.n_routed_experts:
         _validate_moe(m.moe, m.n_layer)
+    if m.diffusion.enabled:
+        _validate_diffusion(m.diffusion, m)
+    if m.recursion.mode != "none":
+        _validate_recursion(m.recursion, m)
+
+
+def _validate_diffusion(d: DiffusionConfig, m: ModelConfig) -> None:
+    p = "model.diffusion."
+    _check(d.block_size >= 1, p + "block_size", d.block_size, "an integer >= 1")
+    _check(d.alpha >= 0, p + "alpha", d.alpha, ">= 0")
+    if d.mask_token_id is not None:
+        _check(0 <= d.mask_token_id < m.vocab_size, p + "mask_token_id", d.mask_token_id,
+               f"0..model.vocab_size - 1 ({m.vocab_size - 1}), or null for the last id")
+
+
+def _validate_recursion(r: RecursionConfig, m: ModelConfig) -> None:
+    p = "model.recursion."
+    _check(r.n_prelude >= 0, p + "n_prelude", r.n_prelude, "an integer >= 0")
+    _check(r.n_core >= 1 and r.n_prelude + r.n_core <= m.n_layer, p + "n_core", r.n_core,
+           f"1..model.n_layer - n_prelude ({m.n_layer - r.n_prelude})")
+    _check(r.n_loops >= 1, p + "n_loops", r.n_loops, "an integer >= 1")
+    if r.n_grad_loops is not None:
+        _check(1 <= r.n_grad_loops <= r.n_loops, p + "n_grad_loops", r.n_grad_loops,
+               f"1..n_loops ({r.n_loops}), or null for all")
+    _check(r.n_latent_steps >= 1, p + "n_latent_steps", r.n_latent_steps, "an integer >= 1")
+    _check(m.layerdrop == 0.0, "model.layerdrop", m.layerdrop, "0 when model.recursion is on (loops never skip layers)")
 
 
 def _validate_mla(mla: MLAConfig) -> None:
