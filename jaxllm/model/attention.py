@@ -24,20 +24,28 @@ def causal_mask(t: int, s: int, window: int | None = None) -> jax.Array:
     return allowed
 
 
-def attend(q, k, v, *, window: int | None, dropout: nnx.Dropout | None = None) -> jax.Array:
+def attend(q, k, v, *, window: int | None, mask: jax.Array | None = None,
+           dropout: nnx.Dropout | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(H)) v for q [B,T,N,H], k and v [B,S,K,H]; returns [B,T,N,H].
+
+    Without `mask` each query sees the causal sliding window of the last T of S positions. A
+    `mask` [B or 1, T, S] (True: may attend) replaces that pattern entirely (e.g. TiDAR's
+    block-diffusion mask, built once per shape with any window already applied).
 
     The fused `jax.nn.dot_product_attention` is used unless attention dropout is active, which it
     cannot apply; then the same maths runs as explicit einsums.
     """
     if dropout is None or dropout.deterministic or dropout.rate == 0.0:
+        if mask is not None:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
         window_size = None if window is None else (window - 1, 0)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window_size)
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k).astype(jnp.float32) * h**-0.5
-    scores = jnp.where(causal_mask(t, k.shape[1], window), scores, jnp.finfo(jnp.float32).min)
+    allowed = causal_mask(t, k.shape[1], window) if mask is None else mask[:, None, None]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype))
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
 
@@ -55,12 +63,12 @@ class Attention(nnx.Module):
         self.window = a.window
         self.rope_theta = cfg.position.rope_theta if cfg.position.kind == "rope" else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         q = self.q_proj("BTD,DNH->BTNH", x)
         k = self.k_proj("BSD,DKH->BSKH", x)
         v = self.v_proj("BSD,DKH->BSKH", x)
         if self.rope_theta is not None:
             rope = rope_angles(positions, q.shape[-1], self.rope_theta)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = attend(q, k, v, window=self.window, dropout=self.dropout)
+        o = attend(q, k, v, window=self.window, mask=mask, dropout=self.dropout)
         return self.o_proj("BTNH,NHD->BTD", o)

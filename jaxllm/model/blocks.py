@@ -52,9 +52,9 @@ class Block(nnx.Module):
             f_x = self.rezero_alpha[...].astype(f_x.dtype) * f_x
         return x + f_x
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         h = x if self.attn_norm is None else self.attn_norm(x)
-        x = self._residual(x, self.attn(h, positions))
+        x = self._residual(x, self.attn(h, positions, mask))
         h = x if self.mlp_norm is None else self.mlp_norm(x)
         return self._residual(x, self.mlp(h))
 

@@ -122,10 +122,10 @@ class MultiHeadLatentAttention(nnx.Module):
         self.dropout = nnx.Dropout(a.dropout, deterministic=True, rngs=rngs)
         self.mla, self.window, self.rope_theta = m, a.window, cfg.position.rope_theta
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         q = self.queries(x, positions)
         c_kv, k_rope = self.latents(x, positions)
-        return self.attend_latents(q, c_kv, k_rope)
+        return self.attend_latents(q, c_kv, k_rope, mask)
 
     def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """Rotate the rope dims x [B, T, N|K, R] by positions [B, T], in float32.
@@ -168,8 +168,10 @@ class MultiHeadLatentAttention(nnx.Module):
             k_rope = k_rope[:, :, None, :]  # one rope key for all heads
         return c_kv, self.rope(k_rope, positions)
 
-    def attend_latents(self, q: jax.Array, c_kv: jax.Array, k_rope: jax.Array) -> jax.Array:
-        """Causal attention of q [B, T, N, nope + R] over the latents of the same T positions -> [B, T, D]."""
+    def attend_latents(self, q: jax.Array, c_kv: jax.Array, k_rope: jax.Array,
+                       mask: jax.Array | None = None) -> jax.Array:
+        """Attention of q [B, T, N, nope + R] over the latents of S positions -> [B, T, D]: causal
+        over the last T of S, or as `mask` [B or 1, T, S] says (see `attend`)."""
         if self.mla.variant == "seed004":
             k_nope = self.k_proj_u("BSC,CNH->BSNH", c_kv)
             v = self.v_proj_u("BSC,CNH->BSNH", c_kv)
@@ -185,5 +187,5 @@ class MultiHeadLatentAttention(nnx.Module):
         q_scale = mscale_squared(self.mla) * math.sqrt(h / h_qk)  # = softmax_scale * sqrt(h); 1.0 usually
         q = q * jnp.asarray(q_scale, q.dtype) if q_scale != 1.0 else q
         pad = lambda t: jnp.pad(t, [(0, 0)] * 3 + [(0, h - t.shape[-1])])
-        o = attend(pad(q), pad(k), pad(v), window=self.window, dropout=self.dropout)[..., :h_v]
+        o = attend(pad(q), pad(k), pad(v), window=self.window, mask=mask, dropout=self.dropout)[..., :h_v]
         return self.o_proj("BTNH,NHD->BTD", o)

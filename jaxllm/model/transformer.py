@@ -15,26 +15,30 @@ from jaxllm.model.norms import make_norm
 from jaxllm.model.params import DTYPES, AuxLoss, param
 
 
-def _run_block(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
-    return block(x, positions)
+def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return block(x, positions, mask)
 
 
-def _skip_block(block: Block, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _skip_block(block: Block, x: jax.Array, positions: jax.Array, mask) -> tuple[jax.Array, jax.Array]:
     return x, jnp.zeros((), jnp.float32)
 
 
 _run_block_remat = nnx.remat(_run_block)
 
 
-def _run_block_and_pop_aux(run, block: Block, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _run_block_and_pop_aux(run, block: Block, x: jax.Array, positions: jax.Array,
+                           mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """LayerDrop's kept branch: the block's aux losses leave as a value, because both nnx.cond
     branches must leave the same state (a skipped layer records none)."""
-    x = run(block, x, positions)
+    x = run(block, x, positions, mask)
     return x, pop_aux_losses(block)
 
 
 class Transformer(nnx.Module):
     """tokens [B, T] (and optional positions [B, T]) -> float32 logits [B, T, V].
+
+    `mask` [B or 1, T, T] (True: may attend) replaces the causal sliding-window pattern in every
+    attention layer (TiDAR's training mask; see `attend`).
 
     The model is built in eval mode (no dropout, no LayerDrop); call `.train()` to train.
     """
@@ -53,7 +57,8 @@ class Transformer(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
         self.lm_head_bias = param(None, (cfg.vocab_size,), ("vocab",), "zeros") if cfg.lm_head_bias else None
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -65,10 +70,10 @@ class Transformer(nnx.Module):
         keep = self.layerdrop.keep(len(self.layers))
         for i, block in enumerate(self.layers):
             if keep is None:
-                x = run(block, x, positions)
+                x = run(block, x, positions, mask)
             else:
                 x, aux = nnx.cond(keep[i], functools.partial(_run_block_and_pop_aux, run), _skip_block,
-                                  block, x, positions)
+                                  block, x, positions, mask)
                 self.sow(AuxLoss, "layerdrop_aux_losses", aux)
         x = self.final_norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
