@@ -92,7 +92,7 @@ class MultiHeadLatentAttention(nn.Module):
             self.kv_b_proj = nn.Linear(c, n * (nope + hv), bias=False)
         self.o_proj = nn.Linear(n * hv, d, bias=a.out_bias)
 
-    def forward(self, x, positions):
+    def forward(self, x, positions, mask=None):
         B, T, _ = x.shape
         m, N = self.mla, self.n_head
         nope, R, Hv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
@@ -117,7 +117,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = apply_rope(k_rope, angles, amplitude, m.rope_layout)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)                        # [B, N, T, nope+R]
         k = torch.cat([k_nope, k_rope.expand(B, T, N, R)], dim=-1).transpose(1, 2)
-        mask = causal_mask(T, self.window).to(x.device)
+        mask = causal_mask(T, self.window).to(x.device) if mask is None else mask[:, None]
         y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=softmax_scale(m),
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, N * Hv))

@@ -62,7 +62,8 @@ class Attention(nn.Module):
         self.dropout = a.dropout
         self.rope_theta = cfg.position.rope_theta if cfg.position.kind == "rope" else None
 
-    def forward(self, x, positions):
+    def forward(self, x, positions, mask=None):
+        """mask [B or 1, T, T] (True: may attend) replaces the causal sliding window (TiDAR)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # [B, N, T, H]
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, H]
@@ -72,7 +73,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         groups = self.n_head // self.n_kv_head  # query head n reads kv head n // groups
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        mask = causal_mask(T, self.window).to(x.device)
+        mask = causal_mask(T, self.window).to(x.device) if mask is None else mask[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -134,9 +135,80 @@ class Block(nn.Module):
             f_x = self.rezero_alpha * f_x
         return x + f_x
 
-    def forward(self, x, positions):
-        x = self.residual(x, self.attn(x if self.attn_norm is None else self.attn_norm(x), positions))
+    def forward(self, x, positions, mask=None):
+        x = self.residual(x, self.attn(x if self.attn_norm is None else self.attn_norm(x), positions, mask))
         return self.residual(x, self.mlp(x if self.mlp_norm is None else self.mlp_norm(x)))
+
+
+class RecursiveBlock(nn.Module):
+    """Loops the core layers (shared weights) on a state with input injection: `loop` runs
+    s = core(inject(s, e)) n_loops times; `trm` runs n_loops cycles of n_latent_steps updates
+    z = core(inject(y + z, e)) then y = core(y + z), and returns y. The first n_loops - n_grad_loops
+    loops run under torch.no_grad(). It owns the concat adapter and the fixed random initial states;
+    the core layers are the model's and are passed in."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.r = r = cfg.recursion
+        self.n_grad_loops = r.n_loops if r.n_grad_loops is None else r.n_grad_loops
+        self.adapter = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False) if r.inject == "concat" else None
+        if r.init == "random":
+            self.register_buffer("init_state", cfg.init_std * torch.randn(2 if r.mode == "trm" else 1, cfg.d_model))
+        self.aux_loss = None
+
+    def inject(self, s, e):
+        return s + e if self.adapter is None else self.adapter(torch.cat([s, e], dim=-1))
+
+    def forward(self, core, e, positions, mask):
+        r = self.r
+        loops, grad_loops = r.n_loops, self.n_grad_loops
+        if self.training and r.random_loops:  # Huginn: Poisson(LogNormal(ln n - 1/8, 1/2)) + 1
+            rate = torch.exp(torch.log(torch.tensor(float(r.n_loops))) - 0.125 + 0.5 * torch.randn(()))
+            loops = int(torch.poisson(rate)) + 1
+            grad_loops = min(loops, self.n_grad_loops)
+        n_states = 2 if r.mode == "trm" else 1
+        if r.init == "random":
+            state = [self.init_state[i].expand_as(e) for i in range(n_states)]
+        else:
+            state = [e if r.init == "embedding" else torch.zeros_like(e)] * n_states
+        self.aux_loss = 0.0
+
+        def run(x):  # the core once; its MoE aux losses add up over the loops
+            for block in core:
+                x = block(x, positions, mask)
+            for m in core.modules():
+                if m is not self and getattr(m, "aux_loss", None) is not None:
+                    self.aux_loss, m.aux_loss = self.aux_loss + m.aux_loss, None
+            return x
+
+        def one_loop(state):
+            if r.mode == "loop":
+                return [run(self.inject(state[0], e))]
+            y, z = state
+            for _ in range(r.n_latent_steps):
+                z = run(self.inject(y + z, e))
+            return [run(y + z), z]
+
+        with torch.no_grad():
+            for _ in range(loops - grad_loops):
+                state = one_loop(state)
+        for _ in range(grad_loops):
+            state = one_loop(state)
+        return state[0]
+
+
+def tidar_mask(s, block_size, window=None):
+    """[2S, 2S] booleans for TiDAR's doubled sequence [x_0..x_{S-1} | M x S] (papers.md §1.2).
+    Clean query q: clean keys k <= q. Mask query for position j, block b = j // block_size: clean
+    keys k < b * block_size and the mask tokens of block b. A window limits clean keys to j - k < W."""
+    mask = torch.zeros(2 * s, 2 * s, dtype=torch.bool)
+    mask[:s, :s] = causal_mask(s, window)
+    for j in range(s):
+        start = j // block_size * block_size
+        mask[s + j, s + start:s + min(start + block_size, s)] = True
+        first = 0 if window is None else max(0, j - window + 1)
+        mask[s + j, first:start] = True
+    return mask
 
 
 class Transformer(nn.Module):
@@ -147,6 +219,7 @@ class Transformer(nn.Module):
         self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position.kind == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.recursion = RecursiveBlock(cfg) if cfg.recursion.mode != "none" else None
         self.final_norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.lm_head_bias else None
@@ -158,8 +231,8 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens, positions=None):
-        """tokens [B, T] -> logits [B, T, V]."""
+    def forward(self, tokens, positions=None, mask=None):
+        """tokens [B, T] -> logits [B, T, V]; mask [B or 1, T, T] replaces the causal pattern."""
         cfg = self.cfg
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -167,24 +240,58 @@ class Transformer(nn.Module):
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         x = self.dropout(x)
-        for block in self.layers:
-            if self.training and cfg.layerdrop > 0 and torch.rand(()) < cfg.layerdrop:
-                continue  # LayerDrop: skip the whole layer
-            if self.training and cfg.remat:
-                x = checkpoint(block, x, positions, use_reentrant=False)
-            else:
-                x = block(x, positions)
+        if self.recursion is None:
+            x = self.run_layers(self.layers, x, positions, mask)
+        else:  # prelude, the looped core, coda
+            p, c = cfg.recursion.n_prelude, cfg.recursion.n_core
+            e = self.run_layers(self.layers[:p], x, positions, mask)
+            x = self.recursion(self.layers[p:p + c], e, positions, mask)
+            x = self.run_layers(self.layers[p + c:], x, positions, mask)
         x = self.final_norm(x)
         logits = x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
         if self.lm_head_bias is not None:
             logits = logits + self.lm_head_bias
         return logits
 
+    def run_layers(self, layers, x, positions, mask):
+        for block in layers:
+            if self.training and self.cfg.layerdrop > 0 and torch.rand(()) < self.cfg.layerdrop:
+                continue  # LayerDrop: skip the whole layer
+            if self.training and self.cfg.remat:
+                x = checkpoint(block, x, positions, mask, use_reentrant=False)
+            else:
+                x = block(x, positions, mask)
+        return x
+
+    def tidar_forward(self, tokens):
+        """TiDAR: one forward on [tokens | MASK x S] (mask copies at their clean token's position)
+        -> (clean-half logits, mask-half logits)."""
+        d = self.cfg.diffusion
+        B, S = tokens.shape
+        mask_id = self.cfg.vocab_size - 1 if d.mask_token_id is None else d.mask_token_id
+        doubled = torch.cat([tokens, torch.full_like(tokens, mask_id)], dim=1)
+        positions = torch.arange(S, device=tokens.device).repeat(2).expand(B, 2 * S)
+        mask = tidar_mask(S, d.block_size, self.cfg.attention.window).to(tokens.device)
+        logits = self(doubled, positions, mask[None])
+        return logits[:, :S], logits[:, S:]
+
+    def tidar_losses(self, tokens, targets):
+        """(combined, AR, diffusion): (alpha * AR + diffusion) / (1 + alpha), diffusion labels unshifted."""
+        clean, masked = self.tidar_forward(tokens)
+        ar = F.cross_entropy(clean.flatten(0, 1), targets.flatten())
+        diffusion = F.cross_entropy(masked.flatten(0, 1), tokens.flatten())
+        alpha = self.cfg.diffusion.alpha
+        return (alpha * ar + diffusion) / (1 + alpha), ar, diffusion
+
     def loss(self, tokens, targets):
-        """Next-token cross-entropy plus every auxiliary loss the layers recorded in this forward."""
-        logits = self(tokens)
+        """The training loss (next-token, or TiDAR's when diffusion is on) plus every auxiliary loss
+        the layers recorded in this forward."""
+        if self.cfg.diffusion.enabled:
+            loss = self.tidar_losses(tokens, targets)[0]
+        else:
+            loss = F.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())
         aux = sum(m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + aux
+        return loss + aux
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

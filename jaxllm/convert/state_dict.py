@@ -27,6 +27,8 @@ LINEAR_IN_DIMS = {
     "q_proj_d": 1, "q_proj_u": 1, "kv_proj_d": 1, "k_proj_u": 1, "v_proj_u": 1, "rope_q": 1, "rope_k": 1,
     # Mixture-of-Experts
     "router": 1, "noise_proj": 1, "shared_expert_gate": 1,
+    # RecursiveBlock: the concat-injection adapter Linear(2D -> D)
+    "adapter": 1,
 }
 # Stacked routed-expert weights `...experts.<name>`: jaxllm [E, in, out], torch_ref [E, out, in].
 EXPERTS = "experts"

@@ -1,4 +1,4 @@
-"""The pre-norm transformer block, with ReZero and LayerDrop."""
+"""The pre-norm transformer block (with ReZero and LayerDrop), and the recursive block that loops a core of them."""
 from __future__ import annotations
 
 import jax
@@ -11,7 +11,7 @@ from jaxllm.model.mla import MultiHeadLatentAttention
 from jaxllm.model.mlp import MLP
 from jaxllm.model.moe import MoE
 from jaxllm.model.norms import make_norm
-from jaxllm.model.params import param
+from jaxllm.model.params import DTYPES, Buffer, Einsum, param
 
 
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
@@ -73,3 +73,132 @@ class LayerDrop(nnx.Module):
         if self.deterministic or self.rate == 0.0:
             return None
         return jax.random.uniform(self.rngs(), (n_layer,)) >= self.rate
+
+
+def run_layers(layers, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+    for block in layers:
+        x = block(x, positions, mask)
+    return x
+
+
+class RecursiveBlock(nnx.Module):
+    """The looped core of a recurrent-depth model (papers.md §2.6) or the TRM recursion (§2.1).
+
+    It owns only the recursion's own state: the concat adapter (Huginn's Linear(2D -> D)) and the
+    fixed random initial states (TRM's H_init / L_init); the core layers are the model's
+    `layers[n_prelude : n_prelude + n_core]` and are passed in, so their parameters keep their
+    names and are shared by every loop. Each core call is one step of a `lax.fori_loop` (a scan
+    when the trip count is static), rematerialised when `model.remat` is on:
+
+    - loop: s <- core(inject(s, e)), n_loops times, e the prelude's output;
+    - trm: each cycle is n_latent_steps updates z <- core(inject(y + z, e)) and then one
+      y <- core(y + z); n_loops cycles; the answer y goes on to the coda.
+
+    The first n_loops - n_grad_loops loops (cycles) run on stop-gradient parameters and inputs,
+    so they carry no gradient. In training with `random_loops`, the number of loops is drawn per
+    step as Poisson(LogNormal(ln n_loops - 1/8, 1/2)) + 1 (Huginn) and at most n_grad_loops of
+    them take gradients; in eval mode n_loops always run.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        r, d = cfg.recursion, cfg.d_model
+        self.mode, self.n_loops, self.n_latent_steps = r.mode, r.n_loops, r.n_latent_steps
+        self.n_grad_loops = r.n_loops if r.n_grad_loops is None else r.n_grad_loops
+        self.init, self.random_loops, self.remat = r.init, r.random_loops, cfg.remat
+        self.adapter = (Einsum((2 * d,), (d,), ("inject",), ("embed",), bias=False, std=cfg.init_std,
+                               dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
+                        if r.inject == "concat" else None)
+        n_states = 2 if r.mode == "trm" else 1
+        self.init_state = (Buffer(cfg.init_std * jax.random.normal(rngs.params(), (n_states, d)), axes=("inject", "embed"))
+                           if r.init == "random" else None)
+        self.deterministic = True
+        self.rngs = rngs["dropout"].fork()
+
+    @property
+    def steps_per_loop(self) -> int:
+        return self.n_latent_steps + 1 if self.mode == "trm" else 1
+
+    def inject(self, s: jax.Array, e: jax.Array) -> jax.Array:
+        if self.adapter is None:
+            return s + e
+        return self.adapter("BTI,IE->BTE", jnp.concatenate([s, e], axis=-1).astype(s.dtype))
+
+    def initial_state(self, e: jax.Array) -> tuple[jax.Array, ...]:
+        n_states = 2 if self.mode == "trm" else 1
+        if self.init == "zeros":
+            return (jnp.zeros_like(e),) * n_states
+        if self.init == "embedding":
+            return (e,) * n_states
+        return tuple(jnp.broadcast_to(self.init_state[i].astype(e.dtype), e.shape) for i in range(n_states))
+
+    def step(self, core, state: tuple[jax.Array, ...], e: jax.Array, i: jax.Array, positions, mask):
+        """Core call number i (counting from the first loop) on the state."""
+        if self.mode == "loop":
+            (s,) = state
+            return (run_layers(core, self.inject(s, e), positions, mask),)
+        y, z = state
+        is_latent = i % self.steps_per_loop < self.n_latent_steps
+        out = run_layers(core, jnp.where(is_latent, self.inject(y + z, e), y + z), positions, mask)
+        return jnp.where(is_latent, y, out), jnp.where(is_latent, out, z)
+
+    def loop_counts(self) -> tuple[jax.Array | int, jax.Array | None]:
+        """(loops without gradient, loops with gradient out of n_grad_loops or None for all)."""
+        if self.deterministic or not self.random_loops:
+            return self.n_loops - self.n_grad_loops, None
+        sigma = 0.5
+        rate = jnp.exp(jnp.log(self.n_loops) - sigma**2 / 2 + sigma * jax.random.normal(self.rngs()))
+        r = jax.random.poisson(self.rngs(), rate) + 1
+        with_grad = jnp.minimum(r, self.n_grad_loops)
+        return r - with_grad, with_grad
+
+    def __call__(self, core, e: jax.Array, positions: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """The core's output after every loop, and the sum of the aux losses its layers recorded."""
+        no_grad, with_grad = self.loop_counts()
+        state, aux = self.initial_state(e), jnp.zeros((), jnp.float32)
+        per_loop = self.steps_per_loop
+        # Loops without gradient: parameters, inputs and state all stop-gradient (so a traced
+        # trip count, a while loop, is fine under jax.grad).
+        state, aux = _fori_core(nnx.List([*core, self]), 0, no_grad * per_loop, jax.lax.stop_gradient(state),
+                                jax.lax.stop_gradient(e), aux, positions, mask, grad=False, remat=False)
+        first = no_grad * per_loop
+        active_from = None if with_grad is None else (self.n_grad_loops - with_grad) * per_loop
+        state, aux = _fori_core(nnx.List([*core, self]), first, self.n_grad_loops * per_loop, state, e, aux,
+                                positions, mask, grad=True, remat=self.remat, active_from=active_from)
+        return state[0], aux
+
+
+def _fori_core(modules: nnx.List, first, n_steps, state, e, aux, positions, mask, *, grad: bool, remat: bool,
+               active_from=None):
+    """n_steps core calls (`modules` = core layers + the RecursiveBlock), step numbers counted
+    from `first`; as a functional loop over the modules' split state so that RNG counters and
+    MoE expert loads carry from step to step and aux losses add up. With `active_from`, the first
+    `active_from` steps of this loop are skipped (a drawn loop count below n_grad_loops)."""
+    from jaxllm.model.params import AuxLoss
+
+    graphdef, params, rest = nnx.split(modules, nnx.Param, ...)
+    if not grad:
+        params = jax.lax.stop_gradient(params)
+
+    def step(j, params, rest, state):
+        m = nnx.merge(graphdef, params, rest)
+        recursion = m[-1]
+        state = recursion.step(list(m)[:-1], state, e, first + j, positions, mask)
+        step_aux = sum(jax.tree.leaves(nnx.pop(m, AuxLoss)), jnp.zeros((), jnp.float32))
+        return state, nnx.state(m, nnx.Not(nnx.Param)), step_aux
+
+    if remat:
+        step = jax.checkpoint(step, prevent_cse=False)
+
+    def body(j, carry):
+        state, rest, aux = carry
+        if active_from is None:
+            new_state, new_rest, step_aux = step(j, params, rest, state)
+        else:
+            new_state, new_rest, step_aux = jax.lax.cond(
+                j >= active_from, lambda: step(j, params, rest, state),
+                lambda: (state, rest, jnp.zeros((), jnp.float32)))
+        return new_state, new_rest, aux + step_aux
+
+    state, rest, aux = jax.lax.fori_loop(0, n_steps, body, (state, rest, aux))
+    nnx.update(modules, rest)
+    return state, aux

@@ -9,7 +9,7 @@ import optax
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.blocks import Block, LayerDrop
+from jaxllm.model.blocks import Block, LayerDrop, RecursiveBlock
 from jaxllm.model.embeddings import Embed
 from jaxllm.model.norms import make_norm
 from jaxllm.model.params import DTYPES, AuxLoss, param
@@ -53,6 +53,7 @@ class Transformer(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, deterministic=True, rngs=rngs)
         self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)])
         self.layerdrop = LayerDrop(cfg.layerdrop, rngs=rngs)
+        self.recursion = RecursiveBlock(cfg, rngs=rngs) if cfg.recursion.mode != "none" else None
         self.final_norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
         self.lm_head_bias = param(None, (cfg.vocab_size,), ("vocab",), "zeros") if cfg.lm_head_bias else None
@@ -66,20 +67,33 @@ class Transformer(nnx.Module):
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         x = self.dropout(x)
-        run = _run_block_remat if cfg.remat else _run_block
-        keep = self.layerdrop.keep(len(self.layers))
-        for i, block in enumerate(self.layers):
+        if self.recursion is None:
+            x = self._run_layers(self.layers, x, positions, mask)
+        else:  # prelude, the looped core, coda
+            r = cfg.recursion
+            core_end = r.n_prelude + r.n_core
+            e = self._run_layers(self.layers[:r.n_prelude], x, positions, mask)
+            x, aux = self.recursion(self.layers[r.n_prelude:core_end], e, positions, mask)
+            self.sow(AuxLoss, "recursion_aux_losses", aux)
+            x = self._run_layers(self.layers[core_end:], x, positions, mask)
+        x = self.final_norm(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        if self.lm_head_bias is not None:
+            logits = logits + self.lm_head_bias[...].astype(logits.dtype)
+        return logits.astype(jnp.float32)
+
+    def _run_layers(self, layers, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """Each layer once, rematerialised when configured; LayerDrop in training."""
+        run = _run_block_remat if self.cfg.remat else _run_block
+        keep = self.layerdrop.keep(len(layers))
+        for i, block in enumerate(layers):
             if keep is None:
                 x = run(block, x, positions, mask)
             else:
                 x, aux = nnx.cond(keep[i], functools.partial(_run_block_and_pop_aux, run), _skip_block,
                                   block, x, positions, mask)
                 self.sow(AuxLoss, "layerdrop_aux_losses", aux)
-        x = self.final_norm(x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        if self.lm_head_bias is not None:
-            logits = logits + self.lm_head_bias[...].astype(logits.dtype)
-        return logits.astype(jnp.float32)
+        return x
 
 
 class LMHead(nnx.Module):
@@ -107,6 +121,11 @@ def pop_aux_losses(model: Transformer) -> jax.Array:
 
 
 def lm_loss(model: Transformer, tokens: jax.Array, targets: jax.Array) -> jax.Array:
-    """Next-token cross-entropy plus every auxiliary loss (MoE balance, z-loss...) of the forward."""
+    """The training loss: next-token cross-entropy, or TiDAR's (alpha * AR + diffusion) / (1 + alpha)
+    when model.diffusion is on, plus every auxiliary loss (MoE balance, z-loss...) of the forward."""
+    if model.cfg.diffusion.enabled:
+        from jaxllm.model.diffusion import tidar_losses
+
+        return tidar_losses(model, tokens, targets)[0] + pop_aux_losses(model)
     logits = model(tokens)
     return cross_entropy(logits, targets) + pop_aux_losses(model)
