@@ -55,10 +55,21 @@ def small_variant(cfg):
     first_k_dense = min(moe.first_k_dense, 1)
     moe = dataclasses.replace(moe, first_k_dense=first_k_dense, moe_intermediate_size=32 if moe.n_routed_experts else None,
                               shared_intermediate_size=32 if moe.n_routed_experts else None)
+    n_layer = min(m.n_layer, first_k_dense + 2)
+    recursion = m.recursion
+    if recursion.mode != "none":  # prelude, core and coda of at most one layer each, two loops
+        n_prelude, n_core = min(recursion.n_prelude, 1), 1
+        n_layer = n_prelude + n_core + min(m.n_layer - recursion.n_prelude - recursion.n_core, 1)
+        n_loops = min(recursion.n_loops, 2)
+        recursion = dataclasses.replace(
+            recursion, n_prelude=n_prelude, n_core=n_core, n_loops=n_loops, n_latent_steps=min(recursion.n_latent_steps, 2),
+            n_grad_loops=None if recursion.n_grad_loops is None else min(recursion.n_grad_loops, n_loops))
+    vocab_size = min(m.vocab_size, 256)
+    diffusion = dataclasses.replace(m.diffusion, mask_token_id=None if m.diffusion.mask_token_id is None else
+                                    min(m.diffusion.mask_token_id, vocab_size - 1))
     model = dataclasses.replace(
-        m, vocab_size=min(m.vocab_size, 256), d_model=64, n_layer=min(m.n_layer, first_k_dense + 2),
-        max_seq_len=min(m.max_seq_len, 128), attention=attention, moe=moe,
-        mlp=dataclasses.replace(m.mlp, d_ff=128))
+        m, vocab_size=vocab_size, d_model=64, n_layer=n_layer, max_seq_len=min(m.max_seq_len, 128),
+        attention=attention, moe=moe, mlp=dataclasses.replace(m.mlp, d_ff=128), recursion=recursion, diffusion=diffusion)
     return resolve(Config(model=model, train=dataclasses.replace(cfg.train, seq_len=None)))
 
 

@@ -245,3 +245,19 @@ def test_the_train_command_samples_from_a_finished_run_directory(corpus, finishe
 def test_sampling_needs_a_run_directory(tmp_path, capsys):
     code, _, err = cli(["--run-dir", str(tmp_path), "--sample", "hi"], capsys)
     assert_one_line_error(code, err, "not a run directory")
+
+
+def test_tidar_run_reserves_a_mask_id_the_tokenizer_never_produces(corpus, tmp_path):
+    from jaxllm.train.loop import prepare_run_dir
+    from jaxllm.model.diffusion import mask_token_id
+
+    cfg = load_config(ROOT / "configs/tiny-tidar.yaml", [*SMALL, f"train.data={corpus}", "train.max_steps=2",
+                                                          "train.warmup_steps=0", "train.log_every=1"])
+    run_cfg, tokenizer, tokens = prepare_run_dir(cfg, tmp_path / "run")
+    assert run_cfg.model.vocab_size == tokenizer.vocab_size + 1
+    assert mask_token_id(run_cfg.model) == tokenizer.vocab_size
+    assert int(np.max(tokens)) < tokenizer.vocab_size
+    train(cfg, tmp_path / "run", progress=False)
+    losses = [row["loss"] for row in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())
+              if "loss" in row]
+    assert len(losses) == 2 and all(np.isfinite(losses))

@@ -156,10 +156,14 @@ class RecursiveBlock(nnx.Module):
         no_grad, with_grad = self.loop_counts()
         state, aux = self.initial_state(e), jnp.zeros((), jnp.float32)
         per_loop = self.steps_per_loop
-        # Loops without gradient: parameters, inputs and state all stop-gradient (so a traced
-        # trip count, a while loop, is fine under jax.grad).
-        state, aux = _fori_core(nnx.List([*core, self]), 0, no_grad * per_loop, jax.lax.stop_gradient(state),
-                                jax.lax.stop_gradient(e), aux, positions, mask, grad=False, remat=False)
+        if not isinstance(no_grad, int) or no_grad > 0:
+            # Loops without gradient: parameters, inputs and state all stop-gradient (so a traced
+            # trip count, a while loop, is fine under jax.grad).
+            looped, aux = _fori_core(nnx.List([*core, self]), 0, no_grad * per_loop, jax.lax.stop_gradient(state),
+                                     jax.lax.stop_gradient(e), aux, positions, mask, grad=False, remat=False)
+            # A drawn count may be 0: then the initial state keeps its gradient path.
+            state = looped if isinstance(no_grad, int) else jax.tree.map(
+                lambda a, b: jnp.where(no_grad > 0, a, b), looped, state)
         first = no_grad * per_loop
         active_from = None if with_grad is None else (self.n_grad_loops - with_grad) * per_loop
         state, aux = _fori_core(nnx.List([*core, self]), first, self.n_grad_loops * per_loop, state, e, aux,

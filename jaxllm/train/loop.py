@@ -73,7 +73,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path, is_main: bool = True):
     tokens = data_lib.load_tokens(run_dir)
     if tokens is None:
         tokens = data_lib.tokenize_corpus(texts(), tokenizer, run_dir)
-    model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    # TiDAR reserves one more id, never produced by the tokenizer, for its [MASK] token
+    reserved = 1 if cfg.model.diffusion.enabled and cfg.model.diffusion.mask_token_id is None else 0
+    model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size + reserved)
     cfg = dataclasses.replace(cfg, model=model)
     if is_main:
         atomic_write(saved_path, to_yaml(cfg))
