@@ -1,7 +1,8 @@
 """`jaxllm bench <section>` / `python scripts/bench.py <section>`: benchmarks that print a table.
 
-Sections: `train` (jitted train step, jaxllm beside torch_ref on the same config and machine)
-and `moe` (grouped vs dense expert dispatch). Record results in BENCHMARKS.md with device,
+Sections: `train` (jitted train step, jaxllm beside torch_ref on the same config and machine),
+`moe` (grouped vs dense expert dispatch) and `recursion` (peak memory of the looped core against
+the loop count, with and without remat). Record results in BENCHMARKS.md with device,
 versions, date and the exact command. Timing lives here, never in a test's assertion.
 
 MFU, as DESIGN.md defines it: (6 * active non-embedding params + 12 * layers * width * seq)
@@ -15,7 +16,8 @@ import importlib
 import math
 import sys
 
-SECTIONS = {"train": "jaxllm.benchmarks.train", "moe": "jaxllm.benchmarks.moe"}
+SECTIONS = {"train": "jaxllm.benchmarks.train", "moe": "jaxllm.benchmarks.moe",
+            "recursion": "jaxllm.benchmarks.recursion"}
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
 
 
@@ -26,14 +28,24 @@ def peak_flops(device) -> float | None:
 
 
 def flops_per_token(model_cfg, seq: int) -> float:
-    """Training FLOPs per token: 6 * active non-embedding params + 12 * L * D * seq."""
+    """Training FLOPs per token: 6 * active non-embedding params + 12 * L * D * seq.
+
+    A recursive model counts its core layers once per core call (n_loops, times n_latent_steps + 1
+    for TRM) in both terms; TiDAR trains on a doubled sequence, so each clean token costs two
+    positions of a 2 * seq sequence.
+    """
     from flax import nnx
 
     from jaxllm.model import Transformer
 
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    moe, rec = model_cfg.moe, model_cfg.recursion
+    core_calls = 1
+    core_layers = range(0)
+    if rec.mode != "none":
+        core_calls = rec.n_loops * (rec.n_latent_steps + 1 if rec.mode == "trm" else 1)
+        core_layers = range(rec.n_prelude, rec.n_prelude + rec.n_core)
     active = 0.0
-    moe = model_cfg.moe
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         name = ".".join(map(str, path))
         n = math.prod(var.shape)
@@ -41,8 +53,13 @@ def flops_per_token(model_cfg, seq: int) -> float:
             continue
         if ".experts." in name and moe.n_routed_experts:
             n *= moe.num_experts_per_tok / moe.n_routed_experts
+        if (name.startswith("layers.") and int(name.split(".")[1]) in core_layers) or name.startswith("recursion."):
+            n *= core_calls
         active += n
-    return 6 * active + 12 * model_cfg.n_layer * model_cfg.d_model * seq
+    depth = model_cfg.n_layer + (core_calls - 1) * len(core_layers)
+    if model_cfg.diffusion.enabled:
+        return 2 * (6 * active + 12 * depth * model_cfg.d_model * 2 * seq)
+    return 6 * active + 12 * depth * model_cfg.d_model * seq
 
 
 def main(argv: list[str]) -> int:
