@@ -23,8 +23,9 @@ def dense_param_count(m) -> int:
     mlp = n_mats * D * F + ((n_mats - 1) * F + D if m.mlp.bias else 0)
     layer = attention + mlp + 2 * norm + (1 if m.rezero else 0)
     final_norm = D if m.norm.kind == "rmsnorm" else (2 * D if m.norm.bias else D)
+    adapter = 2 * D * D if m.recursion.mode != "none" and m.recursion.inject == "concat" else 0  # Linear(2D -> D)
     return (V * D + (m.max_seq_len * D if m.position.kind == "learned" else 0) + L * layer + final_norm
-            + (0 if m.tie_embeddings else D * V) + (V if m.lm_head_bias else 0))
+            + (0 if m.tie_embeddings else D * V) + (V if m.lm_head_bias else 0) + adapter)
 
 
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
