@@ -18,7 +18,7 @@ import transformers
 from flax import nnx
 
 from jaxllm.config import to_dict
-from jaxllm.convert import hf
+from jaxllm.convert import hf, to_state_dict
 from jaxllm.model import Transformer
 from jaxllm.model.params import Buffer
 from parity_tests.harness import LOGITS_TOL, SEQ, randomize, tiny_config
@@ -146,6 +146,17 @@ def test_import_of_a_transformers_saved_model(family, tmp_path):
     assert got_family == family
     tokens = np.random.default_rng(2).integers(0, 128, (1, SEQ))
     assert rel(jax_logits(model, tokens), hf_logits(hf_model, tokens)) <= LOGITS_TOL
+
+
+def test_a_bfloat16_checkpoint_imports_as_its_float32_values(tmp_path):
+    cls_name, fields = HF_NATIVE["llama"]
+    source = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**fields), dtype=torch.bfloat16)
+    source.save_pretrained(tmp_path / "hf")
+    model, _ = hf.load_hf(tmp_path / "hf")
+    got = hf.to_hf_tensors(to_state_dict(model), "llama")
+    for name, value in source.state_dict().items():
+        if name != "lm_head.weight":  # tied
+            np.testing.assert_array_equal(got[name], value.float().numpy(), err_msg=name)
 
 
 def test_the_rope_layout_flag_matters(tmp_path):

@@ -496,8 +496,16 @@ def read_hf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     tensors = {}
     for name in files:
         try:
+            bfloat16 = []  # numpy has no bfloat16: those tensors are read through jax, then widened
             with safe_open(str(path / name), framework="numpy") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+                for key in f.keys():
+                    if f.get_slice(key).get_dtype() == "BF16":
+                        bfloat16.append(key)
+                    else:
+                        tensors[key] = f.get_tensor(key)
+            if bfloat16:
+                with safe_open(str(path / name), framework="flax") as f:
+                    tensors.update({key: np.asarray(f.get_tensor(key), np.float32) for key in bfloat16})
         except (SafetensorError, OSError, ValueError, TypeError) as e:
             raise ConversionError(f"{str(path / name)!r} is not a readable safetensors file: "
                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
