@@ -26,20 +26,20 @@ FAMILIES = ("llama", "mixtral")
 DTYPES = ("float32", "float16")
 ARCH = "llama"
 
-_NAMES = [  # HF name pattern -> GGUF name (per layer \1)
-    (r"model\.embed_tokens\.weight", "token_embd.weight"),
-    (r"model\.norm\.weight", "output_norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"blk.\1.attn_q.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"blk.\1.attn_k.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"blk.\1.attn_v.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"blk.\1.attn_output.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"blk.\1.ffn_gate.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"blk.\1.ffn_up.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"blk.\1.ffn_down.weight"),
-    (r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight", r"blk.\1.ffn_gate_inp.weight"),
+_NAMES = [  # (Hugging Face name, GGUF name); {i} is the layer
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+    ("model.layers.{i}.block_sparse_moe.gate.weight", "blk.{i}.ffn_gate_inp.weight"),
 ]
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 _EXPERT_GGUF = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
@@ -55,12 +55,14 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_name(hf_name: str) -> str:
-    for pattern, repl in _NAMES:
-        name, n = re.subn(f"^{pattern}$", repl, hf_name)
-        if n:
-            return name
-    raise ConversionError(f"GGUF {ARCH} has no tensor for {hf_name!r}")
+def _rename(name: str, to_gguf: bool) -> str:
+    """Hugging Face -> GGUF name (to_gguf) or back, through `_NAMES`."""
+    for hf_name, gguf_name in _NAMES:
+        src, dst = (hf_name, gguf_name) if to_gguf else (gguf_name, hf_name)
+        if m := re.fullmatch(re.escape(src).replace(r"\{i\}", r"(\d+)"), name):
+            return dst.format(i=m[1] if m.groups() else "")
+    raise ConversionError(f"GGUF {ARCH} has no tensor for {name!r}" if to_gguf
+                          else f"unexpected GGUF tensor {name!r} for architecture {ARCH!r}")
 
 
 def gguf_tensors(model) -> dict[str, np.ndarray]:
@@ -86,7 +88,7 @@ def gguf_tensors(model) -> dict[str, np.ndarray]:
             continue
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
-        gguf_name = _gguf_name(name)
+        gguf_name = _rename(name, to_gguf=True)
         if gguf_name.endswith("attn_q.weight"):
             value = permute(value, cfg.attention.n_head)
         elif gguf_name.endswith("attn_k.weight"):
@@ -211,7 +213,7 @@ def load_gguf(path: str | Path, seed: int = 0):
             for e in range(value.shape[0]):
                 hf_tensors[f"model.layers.{m[1]}.block_sparse_moe.experts.{e}.{w}.weight"] = value[e]
             continue
-        hf_name = _hf_name_of(name)
+        hf_name = _rename(name, to_gguf=False)
         if name.endswith("attn_q.weight"):
             value = unpermute(value, n_head)
         elif name.endswith("attn_k.weight"):
@@ -224,12 +226,3 @@ def load_gguf(path: str | Path, seed: int = 0):
     from_state_dict(result, state_dict)
     return result
 
-
-def _hf_name_of(gguf_name: str) -> str:
-    for pattern, repl in _NAMES:
-        # invert the per-layer rule: GGUF name pattern from the replacement
-        gguf_pattern = "^" + re.escape(repl).replace(r"\\1", r"(\d+)") + "$"
-        if m := re.match(gguf_pattern, gguf_name):
-            hf_name = pattern.replace(r"(\d+)", m[1] if m.groups() else "").replace("\\.", ".")
-            return hf_name
-    raise ConversionError(f"unexpected GGUF tensor {gguf_name!r} for architecture {ARCH!r}")
