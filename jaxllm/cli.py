@@ -13,6 +13,7 @@ from jaxllm.config import ConfigError
 COMMANDS = {
     "verify": ("jaxllm.verify", "parameter counts and a forward/backward check of every preset"),
     "train": ("jaxllm.train.cli", "train a model: --config configs/X.yaml key=value ..."),
+    "convert": ("jaxllm.convert.cli", "convert weights: SRC DST --to jaxllm|torch|hf|gguf"),
     "bench": ("jaxllm.benchmarks", "benchmarks: train (jaxllm vs torch_ref step time), moe (expert dispatch)"),
 }
 

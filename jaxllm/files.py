@@ -29,3 +29,21 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
             tmp.write_text(data, encoding="utf-8")
         else:
             tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `path`; rename it to `path` when the block succeeds.
+    `path` must not exist (a directory is never overwritten)."""
+    import shutil
+
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{str(path)!r} already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,6 +1,7 @@
 """Weight conversion: jaxllm <-> torch_ref state_dicts and safetensors files.
 
-Hugging Face and GGUF converters join here as `jaxllm.convert.hf` / `jaxllm.convert.gguf`.
+Hugging Face directories: `jaxllm.convert.hf` (save_hf / load_hf); GGUF files: `jaxllm.convert.gguf`
+(save_gguf / load_gguf); the `jaxllm convert` command: `jaxllm.convert.cli`. See docs/interop.md.
 """
 from jaxllm.convert.state_dict import (ConversionError, from_state_dict, load_safetensors, save_safetensors,
                                        to_state_dict)

@@ -299,22 +299,36 @@ def _progress(initial: int, total: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", desc="step", dynamic_ncols=True)
 
 
-def sample_from_run(run_dir: Path, prompt: str, n_tokens: int, temperature: float, seed: int) -> tuple[int, str]:
-    """(step, text): a continuation of `prompt` from the latest checkpoint of a run directory."""
+def load_run(run_dir: Path) -> tuple[Config, "Trainer", int]:
+    """(config, trainer holding the restored state, step) of a run directory's latest checkpoint."""
     from jaxllm.config import load_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "tokenizer.json").is_file():
         raise DataError(f"{str(run_dir)!r} is not a run directory (no config.yaml and tokenizer.json)")
     cfg = load_config(run_dir / "config.yaml")
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
     step = checkpointer.latest_step()
     if step is None:
-        raise DataError(f"run directory {str(run_dir)!r} has no checkpoint to sample from")
+        raise DataError(f"run directory {str(run_dir)!r} has no checkpoint")
     mesh = make_mesh("data:1", jax.devices()[:1])
     with jax.set_mesh(mesh):
         trainer = Trainer(cfg, mesh)
     trainer.state = checkpointer.restore_state(step, trainer.state)
     checkpointer.close()
+    return cfg, trainer, step
+
+
+def model_from_run(run_dir: Path):
+    """(the model of a run directory's latest checkpoint, in eval mode, step)."""
+    _, trainer, step = load_run(run_dir)
+    model, _ = nnx.merge(trainer.graphdef, trainer.state)
+    model.eval()
+    return model, step
+
+
+def sample_from_run(run_dir: Path, prompt: str, n_tokens: int, temperature: float, seed: int) -> tuple[int, str]:
+    """(step, text): a continuation of `prompt` from the latest checkpoint of a run directory."""
+    _, trainer, step = load_run(run_dir)
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
     return step, trainer.sample(tokenizer, prompt, n_tokens, temperature, seed)

@@ -1,0 +1,189 @@
+"""`jaxllm convert` / `python scripts/convert.py SRC DST --to jaxllm|torch|hf|gguf`.
+
+    python scripts/convert.py runs/tiny-llama out/tiny-llama-hf --to hf
+    python scripts/convert.py out/tiny-llama-hf tiny-llama.gguf --to gguf --dtype float16
+    python scripts/convert.py weights.pt model.safetensors --to jaxllm --config configs/tiny-llama.yaml
+
+Sources (found by what SRC is):
+  a jaxllm run directory (config.yaml + checkpoints/): its latest checkpoint;
+  a jaxllm model directory (config.yaml + model.safetensors), as written by --to jaxllm;
+  a .safetensors file: jaxllm's own (config in its metadata) or a torch_ref state_dict (needs --config);
+  a .pt / .pth file: a torch_ref state_dict saved with torch.save (needs --config);
+  a Hugging Face directory (config.json + model.safetensors): gpt2, llama, mistral, mixtral, qwen2_moe, deepseek_v3;
+  a .gguf file (architecture llama, F32/F16): Llama- and Mixtral-shaped models.
+Targets:
+  jaxllm  DST.safetensors (torch_ref state_dict + the config as metadata), or a directory DST with
+          model.safetensors, config.yaml and the source's tokenizer.json;
+  torch   DST.pt (torch.save of torch_ref's state_dict) or DST.safetensors (the same file as jaxllm's);
+  hf      a directory for transformers.AutoModelForCausalLM.from_pretrained (--family, default: inferred);
+  gguf    a llama.cpp file (--dtype float32 | float16).
+Nothing is overwritten: DST must not exist; it is written under a temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jaxllm.cli import ArgumentParser
+from jaxllm.convert.state_dict import ConversionError
+
+TARGETS = ("jaxllm", "torch", "hf", "gguf")
+
+
+def parser() -> ArgumentParser:
+    from jaxllm.convert.hf import FAMILIES
+
+    p = ArgumentParser(prog="convert.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="source: run dir, model dir, .safetensors, .pt, Hugging Face dir or .gguf")
+    p.add_argument("dst", help="destination path (must not exist)")
+    p.add_argument("--to", required=True, choices=TARGETS, help="target format")
+    p.add_argument("--family", choices=FAMILIES, default=None,
+                   help="--to hf: the Hugging Face family (default: inferred from the config)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default=None, help="--to gguf: tensor type (default: float32)")
+    p.add_argument("--config", default=None,
+                   help="a jaxllm YAML config for sources without one (torch_ref .pt / .safetensors; default: none)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors (default: off)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def _model_from_state_dict(state_dict, model_cfg):
+    from flax import nnx
+
+    from jaxllm.convert.state_dict import from_state_dict
+    from jaxllm.model import Transformer
+
+    model = Transformer(model_cfg, rngs=nnx.Rngs(0))
+    from_state_dict(model, state_dict)
+    return model
+
+
+def _config_from(path: str | None, embedded: dict | None, src: Path):
+    from jaxllm.config import config_from_dict, load_config
+
+    if path is not None:
+        return load_config(path).model
+    if embedded is None:
+        raise ConversionError(f"{str(src)!r} holds no jaxllm config: pass --config with the model's YAML")
+    return config_from_dict({"model": embedded}).model
+
+
+def _torch_state_dict(path: Path) -> dict:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds on a corrupt file
+        raise ConversionError(f"{str(path)!r} is not a readable torch state_dict: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(state, dict):
+        raise ConversionError(f"{str(path)!r} holds a {type(state).__name__}, expected a state_dict")
+    return state
+
+
+def read_source(src: Path, config: str | None):
+    """(jaxllm model, directory holding the source's tokenizer files or None)."""
+    from jaxllm.convert.gguf import load_gguf
+    from jaxllm.convert.hf import load_hf
+    from jaxllm.convert.state_dict import load_safetensors
+
+    if src.is_dir():
+        if (src / "config.json").is_file():
+            return load_hf(src)[0], src
+        if (src / "config.yaml").is_file() and (src / "checkpoints").is_dir():
+            from jaxllm.train.loop import model_from_run
+
+            return model_from_run(src)[0], src
+        if (src / "config.yaml").is_file() and (src / "model.safetensors").is_file():
+            from jaxllm.config import load_config
+
+            state_dict, _ = load_safetensors(src / "model.safetensors")
+            return _model_from_state_dict(state_dict, load_config(config or src / "config.yaml").model), src
+        raise ConversionError(f"directory {str(src)!r} is neither a jaxllm run or model directory (config.yaml with "
+                              "checkpoints/ or model.safetensors) nor a Hugging Face directory (config.json)")
+    if not src.exists():
+        raise ConversionError(f"source {str(src)!r} does not exist")
+    suffix = src.suffix.lower()
+    if suffix == ".gguf":
+        return load_gguf(src), None
+    if suffix == ".safetensors":
+        state_dict, embedded = load_safetensors(src)
+        return _model_from_state_dict(state_dict, _config_from(config, embedded, src)), None
+    if suffix in (".pt", ".pth", ".bin"):
+        state_dict = _torch_state_dict(src)
+        return _model_from_state_dict(state_dict, _config_from(config, None, src)), None
+    raise ConversionError(f"source {str(src)!r}: unknown kind; expected a directory, .safetensors, .pt/.pth or .gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+
+
+def write_jaxllm(dst: Path, model, tokenizer_dir: Path | None) -> None:
+    import shutil
+
+    from jaxllm.config import Config, to_dict, to_yaml
+    from jaxllm.convert.state_dict import save_safetensors
+    from jaxllm.files import atomic_dir
+
+    config = to_dict(model.cfg)
+    if dst.suffix == ".safetensors":
+        save_safetensors(dst, model, config=config)
+        return
+    with atomic_dir(dst) as tmp:
+        save_safetensors(tmp / "model.safetensors", model, config=config)
+        (tmp / "config.yaml").write_text(to_yaml(Config(model=model.cfg)))
+        if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+            shutil.copyfile(tokenizer_dir / "tokenizer.json", tmp / "tokenizer.json")
+
+
+def write_torch(dst: Path, model) -> None:
+    from jaxllm.config import to_dict
+    from jaxllm.convert.state_dict import save_safetensors, to_state_dict
+    from jaxllm.files import atomic_path
+
+    if dst.suffix == ".safetensors":
+        save_safetensors(dst, model, config=to_dict(model.cfg))
+    elif dst.suffix in (".pt", ".pth"):
+        import torch
+
+        state_dict = {k: torch.from_numpy(v) for k, v in to_state_dict(model).items()}
+        with atomic_path(dst) as tmp:
+            torch.save(state_dict, tmp)
+    else:
+        raise ConversionError(f"--to torch: destination {str(dst)!r} must end in .pt, .pth or .safetensors")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    src, dst = Path(args.src), Path(args.dst)
+    if args.family is not None and args.to != "hf":
+        raise ConversionError(f"--family applies to --to hf only (got --to {args.to})")
+    if args.dtype is not None and args.to != "gguf":
+        raise ConversionError(f"--dtype applies to --to gguf only (got --to {args.to})")
+    if dst.exists() or dst.is_symlink():
+        raise ConversionError(f"destination {str(dst)!r} already exists; choose a new path")
+    if args.to == "gguf" and dst.suffix.lower() != ".gguf":
+        raise ConversionError(f"--to gguf: destination {str(dst)!r} must end in .gguf")
+    model, tokenizer_dir = read_source(src, args.config)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if args.to == "jaxllm":
+        write_jaxllm(dst, model, tokenizer_dir)
+    elif args.to == "torch":
+        write_torch(dst, model)
+    elif args.to == "hf":
+        from jaxllm.convert.hf import save_hf
+
+        family = save_hf(dst, model, family=args.family, tokenizer_dir=tokenizer_dir)
+        print(f"wrote {dst} (Hugging Face {family})")
+        return 0
+    else:
+        from jaxllm.convert.gguf import save_gguf
+
+        save_gguf(dst, model, dtype=args.dtype or "float32")
+    print(f"wrote {dst}")
+    return 0
+
