@@ -189,7 +189,9 @@ def _stream(tokens, active) -> None:
 
 
 def _eval_model(graphdef, state):
-    model = nnx.merge(graphdef, state)
+    """A fresh eval-mode module in the current trace (layers such as MoE record state in their
+    forward, which needs Variables made at this trace level, not reused from outside the loop)."""
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
     model.eval()
     return model
 
@@ -216,7 +218,7 @@ def _generate(graphdef, state, prompts, lengths, max_new, sampling, eos_id, stop
         slot_pos = jnp.full((b, cache_size(cfg, p + capacity)), -1, jnp.int32)
         positions = time[None] - pad[:, None]
         valid = jnp.where(positions >= 0, positions, -1)
-        mask = position_mask(valid, valid, cfg.attention.window)
+        mask = position_mask(valid, valid, cfg.attention.window) | jnp.eye(p, dtype=bool)  # padding sees itself
         cache = init_cache(model, b, slot_pos.shape[1])
         logits, cache = forward_cached(model, prompts, jnp.maximum(positions, 0), cache, jnp.int32(0), mask, True)
         mode_state = (cache, write_cache(slot_pos, valid, jnp.int32(0)))
@@ -224,7 +226,8 @@ def _generate(graphdef, state, prompts, lengths, max_new, sampling, eos_id, stop
         full = jnp.concatenate([prompts, jnp.zeros((b, capacity), jnp.int32)], axis=1)
         positions = jnp.arange(p + capacity)[None] - pad[:, None]
         valid = jnp.where(positions >= 0, positions, -1)
-        full_mask = position_mask(valid, valid, cfg.attention.window) if padded else None
+        full_mask = (position_mask(valid, valid, cfg.attention.window) | jnp.eye(p + capacity, dtype=bool)
+                     if padded else None)
         full_positions = jnp.clip(positions, 0, max_seq_len - 1)
 
         def full_logits(tokens, t):
