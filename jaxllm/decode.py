@@ -281,6 +281,26 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def validate_request(cfg, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None) -> None:
+    """One-line DecodeErrors for what no model can decode: no prompt, an empty one, one that fills
+    the context, token ids outside the vocabulary, a length below 1."""
+    if not prompts:
+        raise DecodeError("no prompts given; give at least one")
+    for i, ids in enumerate(prompts):
+        if not len(ids):
+            raise DecodeError(f"prompt {i} is empty; a prompt needs at least one token")
+        if len(ids) >= cfg.max_seq_len:
+            raise DecodeError(f"prompt {i} is {len(ids)} tokens; the context holds {cfg.max_seq_len}, "
+                              f"so a prompt may have at most {cfg.max_seq_len - 1}")
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise DecodeError(f"prompt {i} has token id {bad[0]}; allowed: 0..{cfg.vocab_size - 1}")
+    if max_new_tokens < 1:
+        raise DecodeError(f"max_new_tokens is {max_new_tokens}; allowed: an integer >= 1")
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+        raise DecodeError(f"eos_id is {eos_id}; allowed: 0..{cfg.vocab_size - 1} or none")
+
+
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling = GREEDY,
              eos_id: int | None = None, stop_sequences: Sequence[Sequence[int]] = (), seed: int = 0,
              cached: bool = True, on_token: Callable[[np.ndarray, np.ndarray], None] | None = None,
@@ -294,21 +314,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
     cfg = model.cfg
     sampling.validate()
     prompts = [list(map(int, ids)) for ids in prompts]
-    if not prompts:
-        raise DecodeError("no prompts given; give at least one")
-    for i, ids in enumerate(prompts):
-        if not ids:
-            raise DecodeError(f"prompt {i} is empty; a prompt needs at least one token")
-        if len(ids) >= cfg.max_seq_len:
-            raise DecodeError(f"prompt {i} is {len(ids)} tokens; the context holds {cfg.max_seq_len}, "
-                              f"so a prompt may have at most {cfg.max_seq_len - 1}")
-        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise DecodeError(f"prompt {i} has token id {bad[0]}; allowed: 0..{cfg.vocab_size - 1}")
-    if max_new_tokens < 1:
-        raise DecodeError(f"max_new_tokens is {max_new_tokens}; allowed: an integer >= 1")
-    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-        raise DecodeError(f"eos_id is {eos_id}; allowed: 0..{cfg.vocab_size - 1} or none")
+    validate_request(cfg, prompts, max_new_tokens, eos_id)
     if cached:
         check_cacheable(cfg)
     lengths = np.array([len(ids) for ids in prompts], np.int32)
