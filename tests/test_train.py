@@ -245,3 +245,15 @@ def test_the_train_command_samples_from_a_finished_run_directory(corpus, finishe
 def test_sampling_needs_a_run_directory(tmp_path, capsys):
     code, _, err = cli(["--run-dir", str(tmp_path), "--sample", "hi"], capsys)
     assert_one_line_error(code, err, "not a run directory")
+
+
+def test_the_sample_command_reads_a_run_directory(finished_run, capsys):
+    run_dir, _ = finished_run
+    argv = ["--run", str(run_dir), "--prompt", "the quick", "--temperature", "0", "--max-new-tokens", "10", "--no-stream"]
+    assert run("sample", argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("the quick") and out.endswith("\n") and len(out) - 1 == len("the quick") + 10
+    assert run("sample", [*argv, "--engine", "torch"]) == 0  # torch_ref on the run's weights: the same greedy text
+    assert capsys.readouterr().out == out
+    code = run("sample", [*argv, "--step", "5"])
+    assert_one_line_error(code, capsys.readouterr().err, "no checkpoint at step 5", "it has steps")
