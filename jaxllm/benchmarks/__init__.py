@@ -1,6 +1,7 @@
 """`jaxllm bench <section>` / `python scripts/bench.py <section>`: benchmarks that print a table.
 
-Sections: `train` (jitted train step, jaxllm beside torch_ref on the same config and machine)
+Sections: `train` (jitted train step, jaxllm beside torch_ref on the same config and machine),
+`decode` (KV-cache generation: jaxllm, torch_ref and Hugging Face generate, ms/token and tokens/s)
 and `moe` (grouped vs dense expert dispatch). Record results in BENCHMARKS.md with device,
 versions, date and the exact command. Timing lives here, never in a test's assertion.
 
@@ -15,7 +16,7 @@ import importlib
 import math
 import sys
 
-SECTIONS = {"train": "jaxllm.benchmarks.train", "moe": "jaxllm.benchmarks.moe"}
+SECTIONS = {"train": "jaxllm.benchmarks.train", "moe": "jaxllm.benchmarks.moe", "decode": "jaxllm.benchmarks.decode"}
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
 
 
