@@ -124,12 +124,15 @@ def filter_logits(logits: jax.Array, s: dict[str, jax.Array]) -> jax.Array:
 
 
 def next_token(logits: jax.Array, seen: jax.Array, s: dict[str, jax.Array], key: jax.Array) -> jax.Array:
-    """logits [B, V] -> tokens [B]: greedy when temperature is 0, else a draw from the filtered logits."""
-    logits = jax.lax.cond(s["repetition_penalty"] != 1.0, apply_repetition_penalty,
-                          lambda x, *_: x, logits, seen, s["repetition_penalty"])
+    """logits [B, V] -> tokens [B]: greedy when temperature is 0, else a draw from the filtered logits.
+
+    The repetition penalty is elementwise and exact when off (x / 1 = x * 1 = x), so it always runs;
+    the greedy path costs one `lax.cond` (a scalar predicate per step on GPU), no sort."""
+    logits = apply_repetition_penalty(logits, seen, s["repetition_penalty"])
+    greedy = jnp.argmax(logits, axis=-1)
     return jax.lax.cond(s["temperature"] > 0.0,
                         lambda: jax.random.categorical(key, filter_logits(logits, s), axis=-1),
-                        lambda: jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+                        lambda: greedy).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------

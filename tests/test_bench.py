@@ -24,3 +24,28 @@ def test_llama_374m_flops_per_token():
     m = load_config(ROOT / "configs/llama-374m.yaml").model
     # 373,867,520 params - 32,768,000 input embedding = 341,099,520 non-embedding
     assert flops_per_token(m, 1024) == 6 * 341_099_520 + 12 * 24 * 1024 * 1024
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_decode_benchmark_maps_llama_shapes_onto_hugging_face_with_the_same_weights(window):
+    """The HF peer of `bench.py decode` (LlamaForCausalLM; MistralForCausalLM with a window) computes
+    the same logits as jaxllm on the same weights."""
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from jaxllm.benchmarks.decode import hf_model
+    from jaxllm.convert import to_state_dict
+    from jaxllm.model import Transformer
+
+    overrides = ["model.init_std=0.2", "model.n_layer=2", f"model.attention.window={window or 'null'}"]
+    m = load_config(ROOT / "configs/tiny-llama.yaml", overrides).model
+    model = Transformer(m, rngs=nnx.Rngs(0))
+    hf, why = hf_model(m, to_state_dict(model), "cpu", torch.float32)
+    assert why is None
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, (2, 40))
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens)).logits.numpy()
+    got = np.asarray(model(jnp.asarray(tokens)))
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
