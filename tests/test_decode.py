@@ -251,3 +251,15 @@ def test_models_the_cache_does_not_cover_are_refused_by_name():
     cfg = config_from_dict({"model": dict(n_layer=3, recursion=dict(mode="loop", n_prelude=1, n_core=1))}).model
     with pytest.raises(DecodeError, match="model.recursion.mode='loop'.*--no-cache"):
         check_cacheable(cfg)
+
+
+def test_the_loop_reads_matmul_weights_in_the_compute_dtype_and_norms_in_float32():
+    from jaxllm.decode import _compute_state
+
+    m = model_for(dtype="bfloat16", position=dict(kind="rope"), norm=dict(kind="rmsnorm"), tie_embeddings=False)
+    graphdef, state = nnx.split(m)
+    dtypes = {".".join(map(str, path)): var.dtype for path, var in nnx.to_flat_state(_compute_state(graphdef, state))}
+    assert dtypes["layers.0.attn.q_proj.weight"] == dtypes["lm_head.weight"] == dtypes["embed_tokens.weight"] == jnp.bfloat16
+    assert dtypes["layers.0.attn_norm.weight"] == dtypes["final_norm.weight"] == jnp.float32
+    assert m.layers[0].attn.q_proj.weight[...].dtype == jnp.float32  # the model itself is untouched
+    assert len(generate(m, [[1, 2, 3]], max_new_tokens=8)[0]) == 8
