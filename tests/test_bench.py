@@ -49,3 +49,13 @@ def test_decode_benchmark_maps_llama_shapes_onto_hugging_face_with_the_same_weig
         expected = hf(torch.from_numpy(tokens)).logits.numpy()
     got = np.asarray(model(jnp.asarray(tokens)))
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_decode_benchmark_prints_a_row_per_implementation_and_agreement(capsys):
+    from jaxllm.benchmarks.decode import run
+
+    assert run(["--config", str(ROOT / "configs/tiny-llama.yaml"), "model.n_layer=1", "model.init_std=0.3",
+                "model.attention.window=null", "--batch", "2", "--prompt-tokens", "8", "--new", "6", "--runs", "1"]) == 0
+    rows = {line.split("  ")[0]: line.split() for line in capsys.readouterr().out.splitlines() if "    2 " in line}
+    assert [name.split(" (")[0].split(" eager")[0] for name in rows] == ["jaxllm", "torch_ref", "HF generate, static cache"]
+    assert [r[-1] for r in rows.values()] == ["-", "yes", "yes"]  # the same greedy tokens on the same weights

@@ -124,7 +124,11 @@ def run(argv: list[str]) -> int:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise ConfigError(f"--batch is {args.batch!r}; allowed: comma-separated integers such as 1,32") from None
-    if args.prompt_tokens + args.new > cfg.max_seq_len:
+    need = args.prompt_tokens + args.new
+    if need > cfg.max_seq_len and cfg.position.kind != "learned":  # rope: the context is only a declared limit
+        overrides.append(f"model.max_seq_len={need}")
+        cfg = load_config(args.config, overrides).model
+    if need > cfg.max_seq_len:
         raise ConfigError(f"--prompt-tokens + --new is {args.prompt_tokens + args.new}; the context holds "
                           f"{cfg.max_seq_len} (model.max_seq_len)")
     model = Transformer(cfg, rngs=nnx.Rngs(0))
