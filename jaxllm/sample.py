@@ -6,8 +6,9 @@
     python scripts/sample.py --run runs/seed003-char-gpt --interactive
 
 --run loads the latest (or --step) orbax checkpoint of a training run directory with its config
-and tokenizer; --checkpoint loads torch_ref weights as safetensors (the config from the file's
-metadata, or --config; the tokenizer from --tokenizer or tokenizer.json beside the file).
+and tokenizer (--checkpoint RUN/checkpoints/N names one step the same way); --checkpoint FILE loads
+torch_ref weights as safetensors (the config from the file's metadata, or --config; the tokenizer
+from --tokenizer or tokenizer.json beside the file).
 A single prompt streams to stdout as it is generated; a prompt file (one prompt per line) is
 decoded as one batch. --interactive opens a prompt loop whose /commands change the settings
 between prompts (type /help there). --engine torch decodes with torch_ref instead (same caches
@@ -28,7 +29,8 @@ def parser() -> ArgumentParser:
                        epilog="\n".join(__doc__.split("\n")[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="DIR", help="a training run directory (config.yaml, tokenizer.json, checkpoints/)")
-    source.add_argument("--checkpoint", metavar="PATH", help="a safetensors weights file (torch_ref layout)")
+    source.add_argument("--checkpoint", metavar="PATH",
+                        help="a safetensors weights file (torch_ref layout) or a run's checkpoint step, RUN/checkpoints/N")
     p.add_argument("--step", type=int, default=None, help="with --run: the checkpoint step (default: the latest)")
     p.add_argument("--config", default=None, help="with --checkpoint: preset YAML when the file has no config (default: the file's)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, or the one beside --checkpoint)")
@@ -80,6 +82,12 @@ def load(args) -> Loaded:
     from jaxllm.config import config_from_dict, load_config, to_dict
     from jaxllm.train.errors import DataError
 
+    if args.checkpoint is not None and Path(args.checkpoint).is_dir():  # a run's orbax step: run/checkpoints/N
+        step_dir = Path(args.checkpoint)
+        if step_dir.parent.name != "checkpoints" or not step_dir.name.isdigit():
+            raise DataError(f"{str(step_dir)!r} is a directory but not a checkpoint step (RUN/checkpoints/N); "
+                            f"give a safetensors file, a step directory or --run")
+        args.run, args.step, args.checkpoint = str(step_dir.parent.parent), int(step_dir.name), None
     if args.run is not None:
         run_dir = Path(args.run)
         if not (run_dir / "config.yaml").is_file():
