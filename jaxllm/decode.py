@@ -368,3 +368,44 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
     finally:
         _stream_handler[0] = None
     return [out[i, :counts[i]].tolist() for i in range(len(prompts))]
+
+
+def needs_full_recompute(cfg) -> bool:
+    """Whether the KV cache does not cover this model yet (see `check_cacheable`)."""
+    try:
+        check_cacheable(cfg)
+    except DecodeError:
+        return True
+    return False
+
+
+def generate_long(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int = 0,
+                  cached: bool | None = None, **kwargs) -> list[list[int]]:
+    """`generate`, continuing past the context: when the context is full, the last half of each
+    unfinished row (prompt and output so far) becomes its prompt for the next chunk, as
+    llama.cpp's context shift does (chunk c draws with seed + c). Rows that meet EOS or a stop
+    sequence end as in `generate`. cached=None: the cache wherever the model allows it."""
+    cfg = model.cfg
+    cached = not needs_full_recompute(cfg) if cached is None else cached
+    keep = max(1, cfg.max_seq_len // 2)
+    contexts = [list(map(int, p)) for p in prompts]
+    outs: list[list[int]] = [[] for _ in contexts]
+    active = list(range(len(contexts)))
+    chunk = 0
+    while active:
+        remaining = max_new_tokens - len(outs[active[0]])  # unfinished rows all have the same count
+        if remaining <= 0:
+            break
+        limit = min(remaining, cfg.max_seq_len - max(len(contexts[r]) for r in active))
+        new = generate(model, [contexts[r] for r in active], max_new_tokens=remaining, seed=seed + chunk,
+                       cached=cached, **kwargs)
+        still = []
+        for r, tokens in zip(active, new):
+            outs[r] += tokens
+            ended = len(tokens) < limit or (tokens and (tokens[-1] == kwargs.get("eos_id") or any(
+                len(s) and outs[r][-len(s):] == list(s) for s in kwargs.get("stop_sequences", ()))))
+            if not ended:
+                still.append(r)
+                contexts[r] = (contexts[r] + tokens)[-keep:]
+        active, chunk = still, chunk + 1
+    return outs

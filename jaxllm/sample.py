@@ -256,9 +256,9 @@ def decode_texts(loaded: Loaded, texts: list[str], settings: Settings, *, stops:
         sys.stdout.write(texts[0])
         sys.stdout.flush()
     if loaded.engine == "jax":
-        from jaxllm.decode import generate
+        from jaxllm.decode import generate_long
 
-        outs = generate(loaded.model, prompts, max_new_tokens=settings.max_new_tokens, sampling=sampling,
+        outs = generate_long(loaded.model, prompts, max_new_tokens=settings.max_new_tokens, sampling=sampling,
                         eos_id=eos_id, stop_sequences=stop_ids, seed=settings.seed, cached=cached, on_token=printer)
     else:
         from torch_ref.generate import generate

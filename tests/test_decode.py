@@ -263,3 +263,18 @@ def test_the_loop_reads_matmul_weights_in_the_compute_dtype_and_norms_in_float32
     assert dtypes["layers.0.attn_norm.weight"] == dtypes["final_norm.weight"] == jnp.float32
     assert m.layers[0].attn.q_proj.weight[...].dtype == jnp.float32  # the model itself is untouched
     assert len(generate(m, [[1, 2, 3]], max_new_tokens=8)[0]) == 8
+
+
+def test_generate_long_shifts_the_context_and_continues(model):
+    from jaxllm.decode import generate_long
+
+    prompt = [(7 * i) % V for i in range(80)]  # context 96: 16 tokens fit, then the last 48 carry on
+    s = Sampling(temperature=1.0)
+    out = generate_long(model, [prompt], max_new_tokens=40, sampling=s, seed=5)[0]
+    first = generate(model, [prompt], max_new_tokens=40, sampling=s, seed=5)[0]
+    assert len(first) == 16 and out[:16] == first
+    second = generate(model, [(prompt + first)[-48:]], max_new_tokens=24, sampling=s, seed=6)[0]
+    assert out == first + second
+    eos = out[20]
+    stopped = generate_long(model, [prompt], max_new_tokens=40, sampling=s, seed=5, eos_id=eos)[0]
+    assert stopped == out[:out.index(eos) + 1]

@@ -106,7 +106,6 @@ class Trainer:
                                   out_shardings=(self.shardings, replicated, replicated), donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step, in_shardings=(self.shardings, self.batch_sharding),
                                  out_shardings=replicated)
-        self.next_token = jax.jit(self._next_token, static_argnames="temperature")
 
     def _train_step(self, state, batch):
         model, optimizer = nnx.merge(self.graphdef, state)
@@ -123,10 +122,6 @@ class Trainer:
     def _eval_step(self, state, batch):
         return cross_entropy(self._eval_model(state)(batch[:, :-1]), batch[:, 1:])
 
-    def _next_token(self, state, window, index, key, temperature: float):
-        logits = self._eval_model(state)(window)[0, index] / temperature
-        return jax.random.categorical(key, logits)
-
     def put(self, batch: np.ndarray) -> jax.Array:
         """This host's rows of the global batch -> one array split over the data and fsdp axes."""
         return jax.make_array_from_process_local_data(self.batch_sharding, batch)
@@ -136,17 +131,15 @@ class Trainer:
         return float(np.mean(jax.device_get(losses)))
 
     def sample(self, tokenizer, prompt: str, n_tokens: int, temperature: float, seed: int) -> str:
-        """Sampled continuation of `prompt`; the context is the last max_seq_len tokens."""
-        T = self.cfg.model.max_seq_len
-        ids = list(tokenizer.encode(prompt)) or [0]
-        key = jax.random.key(seed)
-        for _ in range(n_tokens):
-            context = ids[-T:]
-            window = np.zeros((1, T), np.int32)
-            window[0, :len(context)] = context
-            key, sub = jax.random.split(key)
-            ids.append(int(self.next_token(self.state, window, len(context) - 1, sub, temperature=temperature)))
-        return tokenizer.decode(ids)
+        """Sampled continuation of `prompt` by jaxllm.decode (KV cache, one jitted loop); past the
+        context, the context shifts (`generate_long`). A prompt longer than the context keeps its end."""
+        from jaxllm.decode import Sampling, generate_long
+
+        ids = [int(i) for i in tokenizer.encode(prompt)] or [0]
+        context = ids[-(self.cfg.model.max_seq_len - 1):]
+        new = generate_long(self._eval_model(self.state), [context], max_new_tokens=n_tokens,
+                            sampling=Sampling(temperature=temperature), seed=seed)[0]
+        return tokenizer.decode(ids + new)
 
 
 # ---------------------------------------------------------------------------------------------
