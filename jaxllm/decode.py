@@ -204,7 +204,7 @@ def _compute_state(graphdef, state):
     float32 weights at each use (`weight.astype(dtype)`); done once here, before the loop, each step
     reads bfloat16 weights instead of reading float32 and converting: half the memory traffic of
     a decode step, with the same numbers (the same cast, done earlier). Norms and routers, which
-compute in float32, keep their float32 weights."""
+    compute in float32, keep their float32 weights."""
     from jaxllm.model.embeddings import Embed
     from jaxllm.model.moe import RoutedExperts
     from jaxllm.model.params import Einsum
