@@ -35,7 +35,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--config", default=None, help="with --checkpoint: preset YAML when the file has no config (default: the file's)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, or the one beside --checkpoint)")
     prompts = p.add_mutually_exclusive_group()
-    prompts.add_argument("--prompt", default=None, help="the prompt text")
+    prompts.add_argument("--prompt", default=None, help="the prompt text (a literal \\n is a newline)")
     prompts.add_argument("--prompt-file", default=None, help="a file of prompts, one per line, decoded as one batch")
     prompts.add_argument("--interactive", action="store_true", help="a prompt loop; /help lists its commands")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
