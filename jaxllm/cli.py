@@ -14,7 +14,8 @@ COMMANDS = {
     "verify": ("jaxllm.verify", "parameter counts and a forward/backward check of every preset"),
     "train": ("jaxllm.train.cli", "train a model: --config configs/X.yaml key=value ..."),
     "convert": ("jaxllm.convert.cli", "convert weights: SRC DST --to jaxllm|torch|hf|gguf"),
-    "bench": ("jaxllm.benchmarks", "benchmarks: train (jaxllm vs torch_ref step time), moe (expert dispatch)"),
+    "bench": ("jaxllm.benchmarks", "benchmarks: train, moe, recursion, decode"),
+    "sample": ("jaxllm.sample", "generate text: --run DIR | --checkpoint PATH, --prompt/--prompt-file/--interactive"),
 }
 
 
@@ -27,10 +28,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def user_errors() -> tuple[type[Exception], ...]:
     from jaxllm.convert import ConversionError
+    from jaxllm.decode import DecodeError
     from jaxllm.platform import PlatformError
     from jaxllm.train.errors import DataError
 
-    return ConfigError, ConversionError, PlatformError, DataError
+    return ConfigError, ConversionError, PlatformError, DataError, DecodeError
 
 
 def main(argv: list[str] | None = None) -> int:

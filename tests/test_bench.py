@@ -39,3 +39,38 @@ def test_flops_count_core_layers_once_per_loop_and_tidar_twice():
     assert flops_per_token(m, seq) == plain + 6 * (calls - 1) * layer + 12 * (calls - 1) * D * seq
     tidar = load_config(ROOT / "configs/tiny-llama.yaml", ["model.diffusion.enabled=true"]).model
     assert flops_per_token(tidar, seq) == 2 * flops_per_token(base, 2 * seq)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_decode_benchmark_maps_llama_shapes_onto_hugging_face_with_the_same_weights(window):
+    """The HF peer of `bench.py decode` (LlamaForCausalLM; MistralForCausalLM with a window) computes
+    the same logits as jaxllm on the same weights."""
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from jaxllm.benchmarks.decode import hf_model
+    from jaxllm.convert import to_state_dict
+    from jaxllm.model import Transformer
+
+    overrides = ["model.init_std=0.2", "model.n_layer=2", f"model.attention.window={window or 'null'}"]
+    m = load_config(ROOT / "configs/tiny-llama.yaml", overrides).model
+    model = Transformer(m, rngs=nnx.Rngs(0))
+    hf, why = hf_model(m, to_state_dict(model), "cpu", torch.float32)
+    assert why is None
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, (2, 40))
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens)).logits.numpy()
+    got = np.asarray(model(jnp.asarray(tokens)))
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_decode_benchmark_prints_a_row_per_implementation_and_agreement(capsys):
+    from jaxllm.benchmarks.decode import run
+
+    assert run(["--config", str(ROOT / "configs/tiny-llama.yaml"), "model.n_layer=1", "model.init_std=0.3",
+                "model.attention.window=null", "--batch", "2", "--prompt-tokens", "8", "--new", "6", "--runs", "1"]) == 0
+    rows = {line.split("  ")[0]: line.split() for line in capsys.readouterr().out.splitlines() if "    2 " in line}
+    assert [name.split(" (")[0].split(" eager")[0] for name in rows] == ["jaxllm", "torch_ref", "HF generate, static cache"]
+    assert [r[-1] for r in rows.values()] == ["-", "yes", "yes"]  # the same greedy tokens on the same weights

@@ -261,3 +261,18 @@ def test_tidar_run_reserves_a_mask_id_the_tokenizer_never_produces(corpus, tmp_p
     losses = [row["loss"] for row in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())
               if "loss" in row]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_the_sample_command_reads_a_run_directory(finished_run, capsys):
+    run_dir, _ = finished_run
+    argv = ["--run", str(run_dir), "--prompt", "the quick", "--temperature", "0", "--max-new-tokens", "10", "--no-stream"]
+    assert run("sample", argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("the quick") and out.endswith("\n") and len(out) - 1 == len("the quick") + 10
+    assert run("sample", [*argv, "--engine", "torch"]) == 0  # torch_ref on the run's weights: the same greedy text
+    assert capsys.readouterr().out == out
+    step = max((p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()), key=int)
+    assert run("sample", ["--checkpoint", str(run_dir / "checkpoints" / step), *argv[2:]]) == 0  # a step directory
+    assert capsys.readouterr().out == out
+    code = run("sample", [*argv, "--step", "5"])
+    assert_one_line_error(code, capsys.readouterr().err, "no checkpoint at step 5", "it has steps")

@@ -1,8 +1,9 @@
 """`jaxllm bench <section>` / `python scripts/bench.py <section>`: benchmarks that print a table.
 
 Sections: `train` (jitted train step, jaxllm beside torch_ref on the same config and machine),
-`moe` (grouped vs dense expert dispatch) and `recursion` (peak memory of the looped core against
-the loop count, with and without remat). Record results in BENCHMARKS.md with device,
+`moe` (grouped vs dense expert dispatch), `recursion` (peak memory of the looped core against
+the loop count, with and without remat) and `decode` (KV-cache generation: jaxllm, torch_ref and
+Hugging Face generate, ms/token and tokens/s). Record results in BENCHMARKS.md with device,
 versions, date and the exact command. Timing lives here, never in a test's assertion.
 
 MFU, as DESIGN.md defines it: (6 * active non-embedding params + 12 * layers * width * seq)
@@ -17,7 +18,7 @@ import math
 import sys
 
 SECTIONS = {"train": "jaxllm.benchmarks.train", "moe": "jaxllm.benchmarks.moe",
-            "recursion": "jaxllm.benchmarks.recursion"}
+            "recursion": "jaxllm.benchmarks.recursion", "decode": "jaxllm.benchmarks.decode"}
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
 
 

@@ -50,17 +50,6 @@ def parser() -> ArgumentParser:
 # Sources
 
 
-def _model_from_state_dict(state_dict, model_cfg):
-    from flax import nnx
-
-    from jaxllm.convert.state_dict import from_state_dict
-    from jaxllm.model import Transformer
-
-    model = Transformer(model_cfg, rngs=nnx.Rngs(0))
-    from_state_dict(model, state_dict)
-    return model
-
-
 def _config_from(path: str | None, embedded: dict | None, src: Path):
     from jaxllm.config import config_from_dict, load_config
 
@@ -88,7 +77,7 @@ def read_source(src: Path, config: str | None):
     """(jaxllm model, directory holding the source's tokenizer files or None)."""
     from jaxllm.convert.gguf import load_gguf
     from jaxllm.convert.hf import load_hf
-    from jaxllm.convert.state_dict import load_safetensors
+    from jaxllm.convert.state_dict import load_safetensors, model_from_state_dict
 
     if src.is_dir():
         if (src / "config.json").is_file():
@@ -101,7 +90,7 @@ def read_source(src: Path, config: str | None):
             from jaxllm.config import load_config
 
             state_dict, _ = load_safetensors(src / "model.safetensors")
-            return _model_from_state_dict(state_dict, load_config(config or src / "config.yaml").model), src
+            return model_from_state_dict(state_dict, load_config(config or src / "config.yaml").model), src
         raise ConversionError(f"directory {str(src)!r} is neither a jaxllm run or model directory (config.yaml with "
                               "checkpoints/ or model.safetensors) nor a Hugging Face directory (config.json)")
     if not src.exists():
@@ -111,10 +100,10 @@ def read_source(src: Path, config: str | None):
         return load_gguf(src), None
     if suffix == ".safetensors":
         state_dict, embedded = load_safetensors(src)
-        return _model_from_state_dict(state_dict, _config_from(config, embedded, src)), None
+        return model_from_state_dict(state_dict, _config_from(config, embedded, src)), None
     if suffix in (".pt", ".pth", ".bin"):
         state_dict = _torch_state_dict(src)
-        return _model_from_state_dict(state_dict, _config_from(config, None, src)), None
+        return model_from_state_dict(state_dict, _config_from(config, None, src)), None
     raise ConversionError(f"source {str(src)!r}: unknown kind; expected a directory, .safetensors, .pt/.pth or .gguf")
 
 

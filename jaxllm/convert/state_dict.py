@@ -123,6 +123,19 @@ def from_state_dict(model, state_dict: Mapping[str, object]) -> None:
         var[...] = jnp.asarray(values[key], dtype=var.dtype)
 
 
+def model_from_state_dict(state_dict: Mapping[str, object], model_cfg):
+    """A jaxllm model of `model_cfg` holding `state_dict` (built abstractly, so no random init is
+    drawn and thrown away)."""
+    import jax
+
+    from jaxllm.model import Transformer
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
+    from_state_dict(model, state_dict)
+    return model
+
+
 def save_safetensors(path: str | Path, model, config: Mapping | None = None) -> None:
     """Write the torch_ref state_dict of `model` (and its config as JSON metadata) to `path`,
     atomically: a temporary file renamed into place."""

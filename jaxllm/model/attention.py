@@ -24,6 +24,30 @@ def causal_mask(t: int, s: int, window: int | None = None) -> jax.Array:
     return allowed
 
 
+def position_mask(q_positions: jax.Array, k_positions: jax.Array, window: int | None = None) -> jax.Array:
+    """[B, T, S] booleans from the positions of queries [B, T] and keys [B, S] (-1: an empty cache
+    slot or a padding token): query i sees key j iff j holds a token and 0 <= i - j < window. The
+    decode caches use it for prefill and for every step; it equals `causal_mask` on 0..S-1."""
+    d = q_positions[:, :, None] - k_positions[:, None, :]
+    allowed = (k_positions[:, None, :] >= 0) & (d >= 0)
+    if window is not None:
+        allowed &= d < window
+    return allowed
+
+
+def write_cache(buf: jax.Array, new: jax.Array, step: jax.Array) -> jax.Array:
+    """buf [B, S, ...] with new [B, T, ...] written at time steps step..step+T-1, slot = time mod S:
+    a plain buffer when S covers every step, a rolling buffer of the last S otherwise (a sliding
+    window). Of T > S new entries only the last S are kept."""
+    s, t = buf.shape[1], new.shape[1]
+    if t > s:
+        new, step, t = new[:, t - s:], step + (t - s), s
+    new = new.astype(buf.dtype)
+    if t == 1:
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, step % s, axis=1)
+    return buf.at[:, (step + jnp.arange(t)) % s].set(new)
+
+
 def attend(q, k, v, *, window: int | None, mask: jax.Array | None = None,
            dropout: nnx.Dropout | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(H)) v for q [B,T,N,H], k and v [B,S,K,H]; returns [B,T,N,H].
@@ -64,11 +88,33 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.position.rope_theta if cfg.position.kind == "rope" else None
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        q, k, v = self.qkv(x, positions)
+        o = attend(q, k, v, window=self.window, mask=mask, dropout=self.dropout)
+        return self.o_proj("BTNH,NHD->BTD", o)
+
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> q [B, T, N, H] and k, v [B, T, K, H], rope applied."""
         q = self.q_proj("BTD,DNH->BTNH", x)
         k = self.k_proj("BSD,DKH->BSKH", x)
         v = self.v_proj("BSD,DKH->BSKH", x)
         if self.rope_theta is not None:
             rope = rope_angles(positions, q.shape[-1], self.rope_theta)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = attend(q, k, v, window=self.window, mask=mask, dropout=self.dropout)
-        return self.o_proj("BTNH,NHD->BTD", o)
+        return q, k, v
+
+    def init_cache(self, batch: int, size: int, dtype) -> tuple[jax.Array, jax.Array]:
+        """Empty keys and values [B, S, K, H] for a decode cache of `size` slots."""
+        shape = (batch, size, *self.k_proj.weight.shape[1:])
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    def cached(self, x: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array], step: jax.Array,
+               mask: jax.Array, prefill: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Attention of x [B, T, D] with a KV cache (k, v [B, S, K, H]); the T new keys and values are
+        written at time steps step.. (`write_cache`). prefill: the T queries attend over the T new
+        keys, mask [B, T, T] (the cache starts empty); otherwise over the whole cache, mask [B, T, S]."""
+        q, k, v = self.qkv(x, positions)
+        k_cache, v_cache = write_cache(cache[0], k, step), write_cache(cache[1], v, step)
+        if not prefill:
+            k, v = k_cache, v_cache
+        o = attend(q, k, v, window=None, mask=mask)
+        return self.o_proj("BTNH,NHD->BTD", o), (k_cache, v_cache)

@@ -58,6 +58,16 @@ class Block(nnx.Module):
         h = x if self.mlp_norm is None else self.mlp_norm(x)
         return self._residual(x, self.mlp(h))
 
+    def cached(self, x: jax.Array, positions: jax.Array, cache, step: jax.Array, mask: jax.Array,
+               prefill: bool):
+        """The block with its attention reading and writing a decode cache (see Attention.cached);
+        returns (x, the updated cache)."""
+        h = x if self.attn_norm is None else self.attn_norm(x)
+        a, cache = self.attn.cached(h, positions, cache, step, mask, prefill)
+        x = self._residual(x, a)
+        h = x if self.mlp_norm is None else self.mlp_norm(x)
+        return self._residual(x, self.mlp(h)), cache
+
 
 class LayerDrop(nnx.Module):
     """Draws, in training only, which layers run: each is skipped with probability `rate`

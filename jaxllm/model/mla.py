@@ -24,7 +24,10 @@ to the embeddings as well (seed 004 does both).
 
 The forward is split where a decode cache will sit: `latents` gives what is cached per token
 (the normalised c_kv and the rotated k_rope, (C + K*R) numbers), `attend_latents` expands them to
-keys and values and attends. Weight absorption is not done here.
+keys and values and attends. `cached` keeps those latents in a decode cache and, for one new token,
+attends with the weights absorbed (§3.1): q_nope is mapped into the latent space by W_UK, scores are
+taken against c_kv directly, and the latent output is mapped back by W_UV; keys and values are
+never expanded.
 
 Biases: `attention.qkv_bias` puts a bias on the projections that read x into latents
 (q_a_proj, kv_a_proj_with_mqa; seed 004: q_proj_d, kv_proj_d), as Hugging Face's
@@ -39,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import MLAConfig, ModelConfig
-from jaxllm.model.attention import attend
+from jaxllm.model.attention import attend, write_cache
 from jaxllm.model.embeddings import apply_rope
 from jaxllm.model.norms import RMSNorm
 from jaxllm.model.params import DTYPES, Einsum
@@ -188,4 +191,51 @@ class MultiHeadLatentAttention(nnx.Module):
         q = q * jnp.asarray(q_scale, q.dtype) if q_scale != 1.0 else q
         pad = lambda t: jnp.pad(t, [(0, 0)] * 3 + [(0, h - t.shape[-1])])
         o = attend(pad(q), pad(k), pad(v), window=self.window, mask=mask, dropout=self.dropout)[..., :h_v]
+        return self.o_proj("BTNH,NHD->BTD", o)
+
+    def init_cache(self, batch: int, size: int, dtype) -> tuple[jax.Array, jax.Array]:
+        """An empty compressed cache of `size` slots: c_kv [B, S, C] and k_rope [B, S, K, R], that is
+        C + K*R numbers per token (K = 1 for DeepSeek), not expanded keys and values."""
+        k = self.rope_k.weight.shape[1] if self.mla.variant == "seed004" else 1
+        return (jnp.zeros((batch, size, self.mla.kv_lora_rank), dtype),
+                jnp.zeros((batch, size, k, self.mla.qk_rope_head_dim), dtype))
+
+    def up_projections(self) -> tuple[jax.Array, jax.Array]:
+        """W_UK [C, N, nope] and W_UV [C, N, Hv], the maps from c_kv to keys and values."""
+        if self.mla.variant == "seed004":
+            return self.k_proj_u.weight[...], self.v_proj_u.weight[...]
+        w = self.kv_b_proj.weight[...]
+        return w[..., :self.mla.qk_nope_head_dim], w[..., self.mla.qk_nope_head_dim:]
+
+    def cached(self, x: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array], step: jax.Array,
+               mask: jax.Array, prefill: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """MLA with the compressed cache (c_kv [B, S, C], k_rope [B, S, K, R]); the new latents are
+        written at time steps step.. (`write_cache`). prefill: the T queries attend over the T new
+        latents (expanded, as in training; mask [B, T, T]); otherwise absorbed attention over the
+        cache (mask [B, T, S])."""
+        q = self.queries(x, positions)
+        c_kv, k_rope = self.latents(x, positions)
+        cache = (write_cache(cache[0], c_kv, step), write_cache(cache[1], k_rope, step))
+        if prefill:
+            return self.attend_latents(q, c_kv, k_rope, mask), cache
+        return self.attend_absorbed(q, *cache, mask), cache
+
+    def attend_absorbed(self, q: jax.Array, c_kv: jax.Array, k_rope: jax.Array, mask: jax.Array) -> jax.Array:
+        """Weight-absorbed attention of q [B, T, N, nope + R] over latents c_kv [B, S, C] and
+        k_rope [B, S, K, R] -> [B, T, D]: scores = (W_UK^T q_nope) . c_kv + q_rope . k_rope, the
+        output W_UV (sum_s p_s c_kv_s) (papers.md §3.1, DeepSeek's attn_impl="absorb")."""
+        dtype = q.dtype
+        w_uk, w_uv = (w.astype(dtype) for w in self.up_projections())
+        q_nope, q_rope = jnp.split(q, [self.mla.qk_nope_head_dim], axis=-1)
+        q_latent = jnp.einsum("BTNH,CNH->BTNC", q_nope, w_uk)
+        scores = jnp.einsum("BTNC,BSC->BNTS", q_latent, c_kv.astype(dtype)).astype(jnp.float32)
+        if k_rope.shape[2] == 1:  # DeepSeek: one rope key shared by all heads
+            rope_scores = jnp.einsum("BTNR,BSR->BNTS", q_rope, k_rope[:, :, 0].astype(dtype))
+        else:
+            rope_scores = jnp.einsum("BTNR,BSNR->BNTS", q_rope, k_rope.astype(dtype))
+        scores = (scores + rope_scores.astype(jnp.float32)) * softmax_scale(self.mla)
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        o_latent = jnp.einsum("BNTS,BSC->BTNC", probs, c_kv.astype(dtype))
+        o = jnp.einsum("BTNC,CNH->BTNH", o_latent, w_uv)
         return self.o_proj("BTNH,NHD->BTD", o)

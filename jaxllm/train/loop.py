@@ -108,7 +108,6 @@ class Trainer:
                                   out_shardings=(self.shardings, replicated, replicated), donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step, in_shardings=(self.shardings, self.batch_sharding),
                                  out_shardings=replicated)
-        self.next_token = jax.jit(self._next_token, static_argnames="temperature")
 
     def _train_step(self, state, batch):
         model, optimizer = nnx.merge(self.graphdef, state)
@@ -125,10 +124,6 @@ class Trainer:
     def _eval_step(self, state, batch):
         return cross_entropy(self._eval_model(state)(batch[:, :-1]), batch[:, 1:])
 
-    def _next_token(self, state, window, index, key, temperature: float):
-        logits = self._eval_model(state)(window)[0, index] / temperature
-        return jax.random.categorical(key, logits)
-
     def put(self, batch: np.ndarray) -> jax.Array:
         """This host's rows of the global batch -> one array split over the data and fsdp axes."""
         return jax.make_array_from_process_local_data(self.batch_sharding, batch)
@@ -138,17 +133,15 @@ class Trainer:
         return float(np.mean(jax.device_get(losses)))
 
     def sample(self, tokenizer, prompt: str, n_tokens: int, temperature: float, seed: int) -> str:
-        """Sampled continuation of `prompt`; the context is the last max_seq_len tokens."""
-        T = self.cfg.model.max_seq_len
-        ids = list(tokenizer.encode(prompt)) or [0]
-        key = jax.random.key(seed)
-        for _ in range(n_tokens):
-            context = ids[-T:]
-            window = np.zeros((1, T), np.int32)
-            window[0, :len(context)] = context
-            key, sub = jax.random.split(key)
-            ids.append(int(self.next_token(self.state, window, len(context) - 1, sub, temperature=temperature)))
-        return tokenizer.decode(ids)
+        """Sampled continuation of `prompt` by jaxllm.decode (KV cache, one jitted loop); past the
+        context, the context shifts (`generate_long`). A prompt longer than the context keeps its end."""
+        from jaxllm.decode import Sampling, generate_long
+
+        ids = [int(i) for i in tokenizer.encode(prompt)] or [0]
+        context = ids[-(self.cfg.model.max_seq_len - 1):]
+        new = generate_long(self._eval_model(self.state), [context], max_new_tokens=n_tokens,
+                            sampling=Sampling(temperature=temperature), seed=seed)[0]
+        return tokenizer.decode(ids + new)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,8 +292,9 @@ def _progress(initial: int, total: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", desc="step", dynamic_ncols=True)
 
 
-def load_run(run_dir: Path) -> tuple[Config, "Trainer", int]:
-    """(config, trainer holding the restored state, step) of a run directory's latest checkpoint."""
+def load_run(run_dir: Path, step: int | None = None) -> tuple[Config, "Trainer", int]:
+    """(config, trainer holding the restored state, step) of a run directory's checkpoint at `step`
+    (default: the latest)."""
     from jaxllm.config import load_config
 
     run_dir = Path(run_dir)
@@ -308,20 +302,27 @@ def load_run(run_dir: Path) -> tuple[Config, "Trainer", int]:
         raise DataError(f"{str(run_dir)!r} is not a run directory (no config.yaml and tokenizer.json)")
     cfg = load_config(run_dir / "config.yaml")
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise DataError(f"run directory {str(run_dir)!r} has no checkpoint")
-    mesh = make_mesh("data:1", jax.devices()[:1])
-    with jax.set_mesh(mesh):
-        trainer = Trainer(cfg, mesh)
-    trainer.state = checkpointer.restore_state(step, trainer.state)
-    checkpointer.close()
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise DataError(f"run directory {str(run_dir)!r} has no checkpoint")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise DataError(f"run directory {str(run_dir)!r} has no checkpoint at step {step}; "
+                            f"it has steps {', '.join(map(str, sorted(steps)))}")
+        mesh = make_mesh("data:1", jax.devices()[:1])
+        with jax.set_mesh(mesh):
+            trainer = Trainer(cfg, mesh)
+        trainer.state = checkpointer.restore_state(step, trainer.state)
+    finally:
+        checkpointer.close()
     return cfg, trainer, step
 
 
-def model_from_run(run_dir: Path):
-    """(the model of a run directory's latest checkpoint, in eval mode, step)."""
-    _, trainer, step = load_run(run_dir)
+def model_from_run(run_dir: Path, step: int | None = None):
+    """(the model of a run directory's checkpoint at `step` (default: the latest), in eval mode, step)."""
+    _, trainer, step = load_run(run_dir, step)
     model, _ = nnx.merge(trainer.graphdef, trainer.state)
     model.eval()
     return model, step

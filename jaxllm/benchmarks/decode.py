@@ -1,0 +1,182 @@
+"""Decode benchmark: greedy generation of --new tokens after a --prompt-token prompt, at each
+--batch, for jaxllm (KV cache, one jitted prefill + while_loop), torch_ref (eager, same caches) and
+Hugging Face `generate` with a static cache where the config maps onto LlamaForCausalLM (or
+MistralForCausalLM with a sliding window), all on the same weights and machine.
+
+ms/token is the wall time of one whole generation (prefill included) divided by the new tokens;
+tokens/s counts the new tokens of every row. Compilation and a warm-up run are excluded; the
+median of --runs timed runs is reported. EOS is off so every run makes exactly --new tokens.
+"""
+from __future__ import annotations
+
+import platform
+import time
+
+import numpy as np
+
+from jaxllm.cli import ArgumentParser
+
+
+def _median_seconds(fn, runs: int) -> float:
+    fn()  # compilation / warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def jax_rows(model, prompts: np.ndarray, new: int, runs: int):
+    from jaxllm.decode import generate
+
+    prompts = prompts.tolist()
+    out = []
+    seconds = _median_seconds(lambda: out.append(generate(model, prompts, max_new_tokens=new)), runs)
+    return seconds, out[-1]
+
+
+def torch_rows(model, prompts: np.ndarray, new: int, runs: int, dtype):
+    from torch_ref.generate import generate
+
+    prompts = prompts.tolist()
+    out = []
+    seconds = _median_seconds(lambda: out.append(generate(model, prompts, new, cache_dtype=dtype)), runs)
+    return seconds, out[-1]
+
+
+def hf_model(cfg, state_dict: dict, device: str, dtype):
+    """A transformers Llama (or Mistral, with a sliding window) holding the same weights, or the reason why not."""
+    import torch
+
+    a = cfg.attention
+    if cfg.position.kind != "rope" or cfg.norm.kind != "rmsnorm" or cfg.mlp.kind != "swiglu" or a.kind != "mha":
+        return None, "not Llama-shaped (needs rope, rmsnorm, swiglu, mha attention)"
+    if a.qkv_bias or a.out_bias or cfg.mlp.bias or cfg.lm_head_bias or cfg.moe.n_routed_experts or cfg.rezero:
+        return None, "not Llama-shaped (biases, MoE or ReZero)"
+    import transformers
+
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp.d_ff,
+              num_hidden_layers=cfg.n_layer, num_attention_heads=a.n_head, num_key_value_heads=a.n_kv_head,
+              head_dim=a.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm.eps,
+              rope_theta=cfg.position.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False)
+    if a.window is None:
+        hf_cfg, cls = transformers.LlamaConfig(**kw, mlp_bias=False), transformers.LlamaForCausalLM
+    else:
+        hf_cfg, cls = transformers.MistralConfig(**kw, sliding_window=a.window), transformers.MistralForCausalLM
+    names = {"embed_tokens.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+    per_layer = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn": "self_attn", "mlp": "mlp"}
+    hf_state = {}
+    for key, value in state_dict.items():
+        if key in names:
+            hf_key = names[key]
+        else:
+            _, i, module, rest = key.split(".", 3)
+            hf_key = f"model.layers.{i}.{per_layer[module]}.{rest}"
+        hf_state[hf_key] = torch.from_numpy(np.array(value))
+    if cfg.tie_embeddings:
+        hf_state["lm_head.weight"] = hf_state["model.embed_tokens.weight"]
+    model = cls(hf_cfg)
+    model.load_state_dict(hf_state, strict=True)
+    return model.to(device=device, dtype=dtype).eval(), None
+
+
+def hf_rows(model, prompts: np.ndarray, new: int, runs: int, device: str):
+    import torch
+
+    ids = torch.from_numpy(prompts).long().to(device)
+    out = []
+
+    def run():
+        with torch.no_grad():
+            out.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                      do_sample=False, cache_implementation="static", pad_token_id=0))
+
+    seconds = _median_seconds(run, runs)
+    return seconds, out[-1][:, prompts.shape[1]:].tolist()
+
+
+def run(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="bench.py decode", description=__doc__)
+    parser.add_argument("--config", default="configs/tiny-llama.yaml", help="preset YAML (default: configs/tiny-llama.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.n_layer=4")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="compute dtype (default: the config's)")
+    parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes (default: 1,32)")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default: 128)")
+    parser.add_argument("--new", type=int, default=256, help="new tokens per row (default: 256)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported (default: 3)")
+    parser.add_argument("--no-torch", action="store_true", help="skip torch_ref")
+    parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
+    args = parser.parse_args(argv)
+
+    import jax
+    from flax import nnx
+
+    from jaxllm.config import ConfigError, load_config, to_dict
+    from jaxllm.convert import to_state_dict
+    from jaxllm.model import Transformer
+
+    overrides = list(args.overrides) + ([f"model.dtype={args.dtype}"] if args.dtype else [])
+    cfg = load_config(args.config, overrides).model
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise ConfigError(f"--batch is {args.batch!r}; allowed: comma-separated integers such as 1,32") from None
+    need = args.prompt_tokens + args.new
+    if need > cfg.max_seq_len and cfg.position.kind != "learned":  # rope: the context is only a declared limit
+        overrides.append(f"model.max_seq_len={need}")
+        cfg = load_config(args.config, overrides).model
+    if need > cfg.max_seq_len:
+        raise ConfigError(f"--prompt-tokens + --new is {args.prompt_tokens + args.new}; the context holds "
+                          f"{cfg.max_seq_len} (model.max_seq_len)")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    state_dict = to_state_dict(model)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}")
+    print(f"config: {args.config} {' '.join(overrides)}; dtype {cfg.dtype}; prompt {args.prompt_tokens}, "
+          f"{args.new} new tokens, greedy; median of {args.runs} runs")
+    implementations = [("jaxllm (jit while_loop, KV cache)", lambda p: jax_rows(model, p, args.new, args.runs))]
+    notes = []
+    if not args.no_torch or not args.no_hf:
+        import torch
+
+        from torch_ref.model import Transformer as TorchTransformer
+
+        torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype, torch.float32)
+        if not args.no_torch:
+            torch_model = TorchTransformer(to_dict(cfg))
+            torch_model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state_dict.items()})
+            torch_model = torch_model.to(device=torch_device, dtype=torch_dtype).eval()
+            implementations.append((f"torch_ref eager (torch {torch.__version__})",
+                                    lambda p: torch_rows(torch_model, p, args.new, args.runs, torch_dtype)))
+        if not args.no_hf:
+            import transformers
+
+            hf, why = hf_model(cfg, state_dict, torch_device, torch_dtype)
+            if hf is None:
+                notes.append(f"Hugging Face generate skipped: {why}")
+            else:
+                implementations.append((f"HF generate, static cache ({transformers.__version__})",
+                                        lambda p: hf_rows(hf, p, args.new, args.runs, torch_device)))
+    rng = np.random.default_rng(0)
+    print(f"{'implementation':40s} {'batch':>5s} {'ms/token':>9s} {'tokens/s':>10s}  same tokens as jaxllm")
+    for batch in batches:
+        prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_tokens), dtype=np.int32)
+        reference = None
+        for name, fn in implementations:
+            try:
+                seconds, tokens = fn(prompts)
+            except Exception as e:  # a peer that fails is reported, not fatal
+                print(f"{name:40s} {batch:5d} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                continue
+            reference = tokens if reference is None else reference
+            same = "-" if tokens is reference else ("yes" if tokens == reference else "no")
+            print(f"{name:40s} {batch:5d} {1000 * seconds / args.new:9.2f} {batch * args.new / seconds:10,.0f}  {same}")
+    for note in notes:
+        print(note)
+    if cfg.dtype != "float32":
+        print("note: in bfloat16 greedy tokens may differ between implementations (rounding), not a bug")
+    return 0

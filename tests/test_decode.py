@@ -1,0 +1,280 @@
+"""Decoding: the sampling controls against Hugging Face's own logits processors and independent
+constructions, the caches (rolling buffer, MLA's compressed shapes), EOS / stop sequences,
+streaming, seeding and bad input. Greedy parity with torch_ref is in parity_tests/test_decode.py."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+
+from jaxllm.config import config_from_dict
+from jaxllm.decode import (DecodeError, Sampling, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
+                           check_cacheable, filter_logits, generate, init_cache, next_token)
+from jaxllm.model import Transformer
+from jaxllm.model.attention import causal_mask, position_mask, write_cache
+from torch_ref.generate import process_logits
+
+V = 64
+
+
+def model_for(**fields) -> Transformer:
+    base = dict(vocab_size=V, d_model=32, n_layer=2, max_seq_len=96, attention=dict(n_head=4), init_std=0.3)
+    return Transformer(config_from_dict({"model": {**base, **fields}}).model, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return model_for(position=dict(kind="rope"), attention=dict(n_head=4, n_kv_head=2, window=16))
+
+
+def random_logits(seed: int, rows: int = 4) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((rows, V)) * 3).astype(np.float32)
+
+
+def seen_ids(seed: int, rows: int = 4) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, V, (rows, 12))
+
+
+def as_seen(ids: np.ndarray) -> jax.Array:
+    seen = np.zeros((ids.shape[0], V), bool)
+    np.put_along_axis(seen, ids, True, axis=1)
+    return jnp.asarray(seen)
+
+
+def hf(processor, logits: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+    ids = torch.zeros((logits.shape[0], 1), dtype=torch.long) if ids is None else torch.from_numpy(ids)
+    return processor(ids, torch.from_numpy(logits.copy())).numpy()
+
+
+def assert_same_filter(got, expected):
+    got = np.asarray(got)
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected))
+    np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], rtol=1e-6)
+
+
+def test_repetition_penalty_is_hugging_faces():
+    logits, ids = random_logits(0), seen_ids(1)
+    expected = hf(RepetitionPenaltyLogitsProcessor(1.7), logits, ids)
+    got = apply_repetition_penalty(jnp.asarray(logits), as_seen(ids), 1.7)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
+    assert np.any(logits[np.asarray(as_seen(ids))] < 0) and np.any(logits[np.asarray(as_seen(ids))] > 0)
+    # by hand: seen positive logits shrink, seen negative ones grow in magnitude, unseen are kept
+    seen = np.asarray(as_seen(ids))
+    np.testing.assert_allclose(np.asarray(got)[seen & (logits > 0)], logits[seen & (logits > 0)] / 1.7, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got)[seen & (logits < 0)], logits[seen & (logits < 0)] * 1.7, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got)[~seen], logits[~seen])
+
+
+@pytest.mark.parametrize("k", [1, 5, 63, 64, 100])
+def test_top_k_is_hugging_faces(k):
+    logits = random_logits(k)
+    got = apply_top_k(jnp.asarray(logits), jnp.int32(k))
+    assert_same_filter(got, hf(TopKLogitsWarper(k), logits))
+    assert (np.isfinite(np.asarray(got)).sum(-1) == min(k, V)).all()
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9, 0.999])
+def test_top_p_keeps_the_smallest_set_with_mass_at_least_p(p):
+    logits = random_logits(int(p * 1000))
+    got = np.isfinite(np.asarray(apply_top_p(jnp.asarray(logits), jnp.float32(p))))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for row in range(logits.shape[0]):  # independent construction: add tokens by probability until mass >= p
+        order = np.argsort(-probs[row])
+        n = int(np.searchsorted(np.cumsum(probs[row, order]), p) + 1)
+        expected = np.zeros(V, bool)
+        expected[order[:n]] = True
+        np.testing.assert_array_equal(got[row], expected)
+    assert_same_filter(apply_top_p(jnp.asarray(logits), jnp.float32(p)), hf(TopPLogitsWarper(p), logits))
+
+
+@pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5])
+def test_min_p_is_hugging_faces(min_p):
+    logits = random_logits(int(min_p * 100))
+    assert_same_filter(apply_min_p(jnp.asarray(logits), jnp.float32(min_p)), hf(MinPLogitsWarper(min_p), logits))
+
+
+def test_the_whole_chain_is_hugging_faces_in_jax_and_torch_ref():
+    logits, ids = random_logits(7), seen_ids(8)
+    s = Sampling(temperature=0.7, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.3)
+    expected = hf(RepetitionPenaltyLogitsProcessor(1.3), logits, ids)
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8), MinPLogitsWarper(0.05)):
+        expected = hf(warper, expected)
+    got = filter_logits(apply_repetition_penalty(jnp.asarray(logits), as_seen(ids), 1.3), s.arrays())
+    assert_same_filter(got, expected)
+    seen = torch.from_numpy(np.array(as_seen(ids)))
+    assert_same_filter(process_logits(torch.from_numpy(logits), seen, 0.7, 20, 0.8, 0.05, 1.3).numpy(), expected)
+
+
+def test_filters_that_are_off_change_nothing():
+    logits = jnp.asarray(random_logits(3))
+    np.testing.assert_array_equal(np.asarray(filter_logits(logits, Sampling().arrays())), np.asarray(logits))
+
+
+def test_greedy_is_argmax_after_the_penalty_and_top_k_1_is_greedy():
+    logits, ids = jnp.asarray(random_logits(4)), seen_ids(5)
+    penalised = np.asarray(apply_repetition_penalty(logits, as_seen(ids), 2.0))
+    greedy = next_token(logits, as_seen(ids), Sampling(temperature=0.0, repetition_penalty=2.0).arrays(), jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(greedy), penalised.argmax(-1))
+    top1 = next_token(logits, as_seen(ids), Sampling(temperature=5.0, top_k=1, repetition_penalty=2.0).arrays(),
+                      jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(top1), penalised.argmax(-1))
+
+
+def test_draws_follow_the_filtered_distribution():
+    logits = jnp.asarray(random_logits(9, rows=1))
+    s = Sampling(temperature=1.5, top_k=4).arrays()
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draws = np.asarray(jax.vmap(lambda k: next_token(logits, jnp.zeros((1, V), bool), s, k))(keys))[:, 0]
+    scaled = np.asarray(logits)[0] / 1.5
+    top = np.argsort(-scaled)[:4]
+    assert set(draws) <= set(top)
+    expected = np.exp(scaled[top] - scaled[top].max())
+    expected /= expected.sum()
+    freq = np.array([(draws == t).mean() for t in top])
+    np.testing.assert_allclose(freq, expected, atol=0.03)
+
+
+def test_bad_sampling_settings_are_one_line_errors():
+    for bad in (Sampling(temperature=-1), Sampling(top_k=-2), Sampling(top_p=0.0), Sampling(top_p=1.5),
+                Sampling(min_p=2.0), Sampling(repetition_penalty=0.0), Sampling(temperature=float("nan"))):
+        with pytest.raises(DecodeError) as e:
+            bad.validate()
+        assert "\n" not in str(e.value) and "allowed" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches
+
+
+def test_rolling_buffer_holds_the_last_slots_at_time_mod_size():
+    buf = jnp.full((1, 4), -1)
+    buf = write_cache(buf, jnp.arange(6)[None], jnp.int32(0))  # a prefill longer than the buffer
+    for t in range(6, 11):
+        buf = write_cache(buf, jnp.array([[t]]), jnp.int32(t))
+    expected = [-1] * 4
+    for t in range(11):  # independent construction: slot t % 4 holds the latest t
+        expected[t % 4] = t
+    assert np.asarray(buf)[0].tolist() == expected
+
+
+def test_position_mask_is_the_causal_window_and_skips_empty_slots():
+    pos = jnp.arange(40)[None]
+    for window in (None, 1, 7):
+        np.testing.assert_array_equal(np.asarray(position_mask(pos, pos, window))[0], np.asarray(causal_mask(40, 40, window)))
+    slots = jnp.array([[8, 9, 6, 7, -1]])  # a rolling buffer of 4 (+ one empty slot), query at 9
+    assert np.asarray(position_mask(jnp.array([[9]]), slots, 4))[0, 0].tolist() == [True, True, True, True, False]
+    assert np.asarray(position_mask(jnp.array([[9]]), slots, 3))[0, 0].tolist() == [True, True, False, True, False]
+
+
+@pytest.mark.parametrize("variant,heads", [("deepseek", 1), ("seed004", 4)])
+def test_mla_cache_holds_the_latent_and_the_rope_key_per_token(variant, heads):
+    c, r = 24, 8
+    m = model_for(position=dict(kind="rope"), attention=dict(kind="mla", n_head=4, mla=dict(
+        variant=variant, kv_lora_rank=c, q_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=r, v_head_dim=16)))
+    cache = init_cache(m, 3, 50)
+    assert len(cache) == 2
+    for c_kv, k_rope in cache:
+        assert c_kv.shape == (3, 50, c) and k_rope.shape == (3, 50, heads, r)
+        assert c_kv[0, 0].size + k_rope[0, 0].size == c + heads * r  # per token and layer: C + R (DeepSeek)
+    # and the cache a generation fills has those shapes: run the jitted prefill's layer directly
+    prefill = nnx.jit(lambda attn, x, pos, cache: attn.cached(x, pos, cache, jnp.int32(0), jnp.ones((3, 5, 5), bool), True))
+    _, (c_kv, k_rope) = prefill(m.layers[0].attn, jnp.ones((3, 5, 32)), jnp.broadcast_to(jnp.arange(5), (3, 5)), cache[0])
+    assert c_kv.shape == (3, 50, c) and k_rope.shape == (3, 50, heads, r)
+    assert np.abs(np.asarray(c_kv[:, :5])).sum() > 0 and np.abs(np.asarray(c_kv[:, 5:])).sum() == 0
+
+
+def test_attention_cache_is_keys_and_values_of_the_kv_heads(model):
+    for k, v in init_cache(model, 2, 16):  # window 16: a rolling buffer of 16 slots
+        assert k.shape == v.shape == (2, 16, 2, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def test_batched_prompts_of_different_lengths_equal_each_prompt_alone(model):
+    prompts = [[5, 9, 2], list(range(1, 15)), [7] * 11]  # one bucket of 16: two compilations in all
+    batch = generate(model, prompts, max_new_tokens=24)
+    alone = [generate(model, [p], max_new_tokens=24)[0] for p in prompts]
+    assert batch == alone
+    assert len({tuple(row) for row in batch}) == 3
+
+
+def test_eos_and_stop_sequences_end_a_row_and_keep_the_stopping_tokens(model):
+    prompts = [[3, 1, 4, 1, 5], [2, 7, 1, 8]]
+    full = generate(model, prompts, max_new_tokens=32)
+    eos = full[0][6]
+    cut = generate(model, prompts, max_new_tokens=32, eos_id=eos)
+    for row, out in zip(full, cut):
+        end = row.index(eos) + 1 if eos in row else len(row)
+        assert out == row[:end]
+    stop = full[1][10:12]
+    cut = generate(model, prompts, max_new_tokens=32, stop_sequences=[stop, [V - 1, V - 1, V - 1]])
+    for row, out in zip(full, cut):
+        ends = [i + 2 for i in range(len(row) - 1) if row[i:i + 2] == stop]
+        assert out == row[:ends[0] if ends else len(row)]
+
+
+def test_sampling_is_seeded_and_streaming_sees_every_token(model):
+    s = Sampling(temperature=1.0, top_p=0.95)
+    a = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=30, sampling=s, seed=11)
+    assert a == generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=30, sampling=s, seed=11)
+    assert a != generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=30, sampling=s, seed=12)
+    seen = []
+    streamed = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=30, sampling=s, seed=11,
+                        on_token=lambda tokens, active: seen.append(tokens.tolist()))
+    assert streamed == a
+    assert [step[0] for step in seen] == a[0]
+
+
+def test_generation_stops_at_the_end_of_the_context(model):
+    out = generate(model, [[i % V for i in range(90)]], max_new_tokens=50)  # context 96
+    assert len(out[0]) == 6
+    assert out == generate(model, [[i % V for i in range(90)]], max_new_tokens=50, cached=False)
+
+
+@pytest.mark.parametrize("prompts,message", [
+    ([], "no prompts"), ([[]], "prompt 0 is empty"), ([[1], list(range(96))], "prompt 1 is 96 tokens; the context holds 96"),
+    ([[1, V]], f"token id {V}; allowed: 0..{V - 1}"),
+])
+def test_bad_prompts_are_one_line_errors(model, prompts, message):
+    with pytest.raises(DecodeError, match=message) as e:
+        generate(model, prompts, max_new_tokens=4)
+    assert "\n" not in str(e.value)
+
+
+def test_models_the_cache_does_not_cover_are_refused_by_name():
+    cfg = config_from_dict({"model": dict(n_layer=3, recursion=dict(mode="loop", n_prelude=1, n_core=1))}).model
+    with pytest.raises(DecodeError, match="model.recursion.mode='loop'.*--no-cache"):
+        check_cacheable(cfg)
+
+
+def test_the_loop_reads_matmul_weights_in_the_compute_dtype_and_norms_in_float32():
+    from jaxllm.decode import _compute_state
+
+    m = model_for(dtype="bfloat16", position=dict(kind="rope"), norm=dict(kind="rmsnorm"), tie_embeddings=False)
+    graphdef, state = nnx.split(m)
+    dtypes = {".".join(map(str, path)): var.dtype for path, var in nnx.to_flat_state(_compute_state(graphdef, state))}
+    assert dtypes["layers.0.attn.q_proj.weight"] == dtypes["lm_head.weight"] == dtypes["embed_tokens.weight"] == jnp.bfloat16
+    assert dtypes["layers.0.attn_norm.weight"] == dtypes["final_norm.weight"] == jnp.float32
+    assert m.layers[0].attn.q_proj.weight[...].dtype == jnp.float32  # the model itself is untouched
+    assert len(generate(m, [[1, 2, 3]], max_new_tokens=8)[0]) == 8
+
+
+def test_generate_long_shifts_the_context_and_continues(model):
+    from jaxllm.decode import generate_long
+
+    prompt = [(7 * i) % V for i in range(80)]  # context 96: 16 tokens fit, then the last 48 carry on
+    s = Sampling(temperature=1.0)
+    out = generate_long(model, [prompt], max_new_tokens=40, sampling=s, seed=5)[0]
+    first = generate(model, [prompt], max_new_tokens=40, sampling=s, seed=5)[0]
+    assert len(first) == 16 and out[:16] == first
+    second = generate(model, [(prompt + first)[-48:]], max_new_tokens=24, sampling=s, seed=6)[0]
+    assert out == first + second
+    eos = out[20]
+    stopped = generate_long(model, [prompt], max_new_tokens=40, sampling=s, seed=5, eos_id=eos)[0]
+    assert stopped == out[:out.index(eos) + 1]
