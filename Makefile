@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2 --dist loadfile  # two workers, each file on one (module fixtures run once)
 
 .PHONY: setup test parity verify train clean
 
