@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--platform", choices=["cpu", "cuda", "tpu", "metal"], default=None,
                         help="JAX backend (default: JAX_PLATFORMS or JAX's choice)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from jaxllm.config import load_config
     from jaxllm.platform import select_platform

@@ -276,3 +276,12 @@ def test_the_sample_command_reads_a_run_directory(finished_run, capsys):
     assert capsys.readouterr().out == out
     code = run("sample", [*argv, "--step", "5"])
     assert_one_line_error(code, capsys.readouterr().err, "no checkpoint at step 5", "it has steps")
+
+
+def test_overrides_may_come_before_and_after_options(tmp_path, capsys):
+    argv = ["--config", str(ROOT / "configs/tiny-gpt.yaml"), "model.n_layer=2", "--run-dir", str(tmp_path / "r"),
+            "--no-progress", "model.d_model=-3"]
+    assert run("train", argv) == 2
+    err = capsys.readouterr().err
+    assert "model.d_model=-3" in err and "unrecognized" not in err  # both overrides were read; the bad one named
+    assert not (tmp_path / "r").exists()

@@ -109,7 +109,7 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported (default: 3)")
     parser.add_argument("--no-torch", action="store_true", help="skip torch_ref")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     import jax
     from flax import nnx

@@ -51,7 +51,7 @@ def parser() -> ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # key=value overrides may come before or after options
     from jaxllm.config import load_config
     from jaxllm.platform import select_platform
     from jaxllm.sharding import maybe_initialize_distributed
