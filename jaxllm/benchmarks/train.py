@@ -87,7 +87,7 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, incl. compilation (default: 3)")
     parser.add_argument("--no-torch", action="store_true", help="skip torch_ref")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     import jax
 
