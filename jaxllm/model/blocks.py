@@ -11,7 +11,7 @@ from jaxllm.model.mla import MultiHeadLatentAttention
 from jaxllm.model.mlp import MLP
 from jaxllm.model.moe import MoE
 from jaxllm.model.norms import make_norm
-from jaxllm.model.params import DTYPES, Buffer, Einsum, param
+from jaxllm.model.params import DTYPES, Buffer, Einsum, param, pop_aux_losses
 
 
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
@@ -118,8 +118,9 @@ class RecursiveBlock(nnx.Module):
         self.adapter = (Einsum((2 * d,), (d,), ("inject",), ("embed",), bias=False, std=cfg.init_std,
                                dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
                         if r.inject == "concat" else None)
-        n_states = 2 if r.mode == "trm" else 1
-        self.init_state = (Buffer(cfg.init_std * jax.random.normal(rngs.params(), (n_states, d)), axes=("inject", "embed"))
+        self.n_states = 2 if r.mode == "trm" else 1  # (y, z) or s
+        self.init_state = (Buffer(cfg.init_std * jax.random.normal(rngs.params(), (self.n_states, d)),
+                                  axes=("inject", "embed"))
                            if r.init == "random" else None)
         self.deterministic = True
         self.rngs = rngs["dropout"].fork()
@@ -134,12 +135,11 @@ class RecursiveBlock(nnx.Module):
         return self.adapter("BTI,IE->BTE", jnp.concatenate([s, e], axis=-1).astype(s.dtype))
 
     def initial_state(self, e: jax.Array) -> tuple[jax.Array, ...]:
-        n_states = 2 if self.mode == "trm" else 1
         if self.init == "zeros":
-            return (jnp.zeros_like(e),) * n_states
+            return (jnp.zeros_like(e),) * self.n_states
         if self.init == "embedding":
-            return (e,) * n_states
-        return tuple(jnp.broadcast_to(self.init_state[i].astype(e.dtype), e.shape) for i in range(n_states))
+            return (e,) * self.n_states
+        return tuple(jnp.broadcast_to(self.init_state[i].astype(e.dtype), e.shape) for i in range(self.n_states))
 
     def step(self, core, state: tuple[jax.Array, ...], e: jax.Array, i: jax.Array, positions, mask):
         """Core call number i (counting from the first loop) on the state."""
@@ -166,17 +166,18 @@ class RecursiveBlock(nnx.Module):
         no_grad, with_grad = self.loop_counts()
         state, aux = self.initial_state(e), jnp.zeros((), jnp.float32)
         per_loop = self.steps_per_loop
+        modules = nnx.List([*core, self])  # what each core call reads and updates
         if not isinstance(no_grad, int) or no_grad > 0:
             # Loops without gradient: parameters, inputs and state all stop-gradient (so a traced
             # trip count, a while loop, is fine under jax.grad).
-            looped, aux = _fori_core(nnx.List([*core, self]), 0, no_grad * per_loop, jax.lax.stop_gradient(state),
+            looped, aux = _fori_core(modules, 0, no_grad * per_loop, jax.lax.stop_gradient(state),
                                      jax.lax.stop_gradient(e), aux, positions, mask, grad=False, remat=False)
             # A drawn count may be 0: then the initial state keeps its gradient path.
             state = looped if isinstance(no_grad, int) else jax.tree.map(
                 lambda a, b: jnp.where(no_grad > 0, a, b), looped, state)
         first = no_grad * per_loop
         active_from = None if with_grad is None else (self.n_grad_loops - with_grad) * per_loop
-        state, aux = _fori_core(nnx.List([*core, self]), first, self.n_grad_loops * per_loop, state, e, aux,
+        state, aux = _fori_core(modules, first, self.n_grad_loops * per_loop, state, e, aux,
                                 positions, mask, grad=True, remat=self.remat, active_from=active_from)
         return state[0], aux
 
@@ -187,8 +188,6 @@ def _fori_core(modules: nnx.List, first, n_steps, state, e, aux, positions, mask
     from `first`; as a functional loop over the modules' split state so that RNG counters and
     MoE expert loads carry from step to step and aux losses add up. With `active_from`, the first
     `active_from` steps of this loop are skipped (a drawn loop count below n_grad_loops)."""
-    from jaxllm.model.params import AuxLoss
-
     graphdef, params, rest = nnx.split(modules, nnx.Param, ...)
     if not grad:
         params = jax.lax.stop_gradient(params)
@@ -197,7 +196,7 @@ def _fori_core(modules: nnx.List, first, n_steps, state, e, aux, positions, mask
         m = nnx.merge(graphdef, params, rest)
         recursion = m[-1]
         state = recursion.step(list(m)[:-1], state, e, first + j, positions, mask)
-        step_aux = sum(jax.tree.leaves(nnx.pop(m, AuxLoss)), jnp.zeros((), jnp.float32))
+        step_aux = pop_aux_losses(m)
         return state, nnx.state(m, nnx.Not(nnx.Param)), step_aux
 
     if remat:

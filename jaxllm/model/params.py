@@ -51,6 +51,13 @@ class AuxLoss(nnx.Intermediate):
     coefficient): `self.sow(AuxLoss, "name", value)`. `lm_loss` pops and adds them all."""
 
 
+def pop_aux_losses(module: nnx.Module) -> jax.Array:
+    """The sum of the auxiliary losses (already weighted by their coefficients) that layers of
+    `module` recorded with `self.sow(AuxLoss, ...)` during the last forward, removed from it."""
+    losses = jax.tree.leaves(nnx.pop(module, AuxLoss))
+    return sum(losses, jnp.zeros((), jnp.float32))
+
+
 class Buffer(nnx.Variable):
     """Persistent state that is saved and converted with the parameters but not trained by the
     optimiser (which updates `nnx.Param` only), like a torch buffer: e.g. the V3 router bias."""

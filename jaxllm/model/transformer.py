@@ -12,7 +12,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.model.blocks import Block, LayerDrop, RecursiveBlock
 from jaxllm.model.embeddings import Embed
 from jaxllm.model.norms import make_norm
-from jaxllm.model.params import DTYPES, AuxLoss, param
+from jaxllm.model.params import DTYPES, AuxLoss, param, pop_aux_losses
 
 
 def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -111,13 +111,6 @@ class LMHead(nnx.Module):
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy over all positions (float32)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
-
-
-def pop_aux_losses(model: Transformer) -> jax.Array:
-    """The sum of the auxiliary losses (already weighted by their coefficients) that layers
-    recorded with `self.sow(AuxLoss, ...)` during the last forward, removed from the model."""
-    losses = jax.tree.leaves(nnx.pop(model, AuxLoss))
-    return sum(losses, jnp.zeros((), jnp.float32))
 
 
 def lm_loss(model: Transformer, tokens: jax.Array, targets: jax.Array) -> jax.Array:
