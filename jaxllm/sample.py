@@ -93,10 +93,9 @@ def load(args) -> Loaded:
         run_dir = Path(args.run)
         if not (run_dir / "config.yaml").is_file():
             raise DataError(f"{str(run_dir)!r} is not a run directory (no config.yaml); give a run directory or --checkpoint")
-        cfg = load_config(run_dir / "config.yaml").model
         tokenizer = _tokenizer(Path(args.tokenizer) if args.tokenizer else run_dir / "tokenizer.json")
         model = model_from_run(run_dir, args.step)[0]
-        state_dict = None
+        cfg, state_dict = model.cfg, None
     else:
         from jaxllm.convert import load_safetensors, model_from_state_dict
 

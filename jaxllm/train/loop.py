@@ -292,8 +292,8 @@ def _progress(initial: int, total: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", desc="step", dynamic_ncols=True)
 
 
-def load_run(run_dir: Path, step: int | None = None) -> tuple[Config, "Trainer", int]:
-    """(config, trainer holding the restored state, step) of a run directory's checkpoint at `step`
+def load_run(run_dir: Path, step: int | None = None) -> tuple["Trainer", int]:
+    """(trainer holding the restored state, step) of a run directory's checkpoint at `step`
     (default: the latest)."""
     from jaxllm.config import load_config
 
@@ -317,12 +317,12 @@ def load_run(run_dir: Path, step: int | None = None) -> tuple[Config, "Trainer",
         trainer.state = checkpointer.restore_state(step, trainer.state)
     finally:
         checkpointer.close()
-    return cfg, trainer, step
+    return trainer, step
 
 
 def model_from_run(run_dir: Path, step: int | None = None):
     """(the model of a run directory's checkpoint at `step` (default: the latest), in eval mode, step)."""
-    _, trainer, step = load_run(run_dir, step)
+    trainer, step = load_run(run_dir, step)
     model, _ = nnx.merge(trainer.graphdef, trainer.state)
     model.eval()
     return model, step
@@ -330,6 +330,6 @@ def model_from_run(run_dir: Path, step: int | None = None):
 
 def sample_from_run(run_dir: Path, prompt: str, n_tokens: int, temperature: float, seed: int) -> tuple[int, str]:
     """(step, text): a continuation of `prompt` from the latest checkpoint of a run directory."""
-    _, trainer, step = load_run(run_dir)
+    trainer, step = load_run(run_dir)
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
     return step, trainer.sample(tokenizer, prompt, n_tokens, temperature, seed)
