@@ -143,7 +143,7 @@ def next_token(logits: jax.Array, seen: jax.Array, s: dict[str, jax.Array], key:
 def check_cacheable(cfg) -> None:
     """The KV cache covers stacks of layers run once each; a looped core must decode with
     cached=False (full recompute) for now. (A TiDAR model decodes as the causal model it also is.)"""
-    if getattr(cfg.recursion, "mode", "none") != "none":
+    if cfg.recursion.mode != "none":
         raise DecodeError(f"the KV cache does not support model.recursion.mode={cfg.recursion.mode!r} yet; "
                           f"decode without the cache (--no-cache)")
 

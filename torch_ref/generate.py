@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_ref.mla import MultiHeadLatentAttention, apply_rope as mla_rope, rope_amplitude, rope_inv_freq, softmax_scale
-from torch_ref.model import apply_rope, rope_angles
+from torch_ref.model import apply_rope, mask_token_id, rope_angles
 
 
 def position_mask(q_pos, k_pos, window):
@@ -212,9 +212,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
 
 def never_sampled(cfg, logits):
     """TiDAR's [MASK] id (model.diffusion) is a training input, never an output."""
-    d = cfg.diffusion
-    if d.enabled:
-        logits[:, cfg.vocab_size - 1 if d.mask_token_id is None else d.mask_token_id] = float("-inf")
+    if cfg.diffusion.enabled:
+        logits[:, mask_token_id(cfg)] = float("-inf")
     return logits
 
 

@@ -197,6 +197,12 @@ class RecursiveBlock(nn.Module):
         return state[0]
 
 
+def mask_token_id(cfg):
+    """TiDAR's reserved [MASK] id: diffusion.mask_token_id, or the last id."""
+    d = cfg.diffusion
+    return cfg.vocab_size - 1 if d.mask_token_id is None else d.mask_token_id
+
+
 def tidar_mask(s, block_size, window=None):
     """[2S, 2S] booleans for TiDAR's doubled sequence [x_0..x_{S-1} | M x S] (papers.md §1.2).
     Clean query q: clean keys k <= q. Mask query for position j, block b = j // block_size: clean
@@ -268,8 +274,7 @@ class Transformer(nn.Module):
         -> (clean-half logits, mask-half logits)."""
         d = self.cfg.diffusion
         B, S = tokens.shape
-        mask_id = self.cfg.vocab_size - 1 if d.mask_token_id is None else d.mask_token_id
-        doubled = torch.cat([tokens, torch.full_like(tokens, mask_id)], dim=1)
+        doubled = torch.cat([tokens, torch.full_like(tokens, mask_token_id(self.cfg))], dim=1)
         positions = torch.arange(S, device=tokens.device).repeat(2).expand(B, 2 * S)
         mask = tidar_mask(S, d.block_size, self.cfg.attention.window).to(tokens.device)
         logits = self(doubled, positions, mask[None])
