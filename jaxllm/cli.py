@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxllm.config import ConfigError
+from jaxllm.errors import USER_ERRORS, ConfigError
 
 COMMANDS = {
     "verify": ("jaxllm.verify", "parameter counts and a forward/backward check of every preset"),
@@ -24,15 +24,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message}\n")
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    from jaxllm.convert import ConversionError
-    from jaxllm.decode import DecodeError
-    from jaxllm.platform import PlatformError
-    from jaxllm.train.errors import DataError
-
-    return ConfigError, ConversionError, PlatformError, DataError, DecodeError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +48,7 @@ def run(command: str, argv: list[str]) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return module.main(argv) or 0
-    except user_errors() as e:
+    except USER_ERRORS as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

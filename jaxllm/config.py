@@ -23,12 +23,9 @@ from typing import Literal
 
 import yaml
 
+from jaxllm.errors import ConfigError
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be built; the message is one line naming the field."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,12 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxllm.errors import DecodeError
 
 from jaxllm.model.attention import position_mask, write_cache
-
-
-class DecodeError(ValueError):
-    """Bad decoding input (prompt, length, sampling setting); the message is one line."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from jaxllm.errors import PlatformError
+
 # What provides each backend, for the error message when it is missing.
 PROVIDERS = {
     "cpu": "jax (already a dependency)",
@@ -14,10 +16,6 @@ PROVIDERS = {
     "tpu": "jax[tpu]: pip install -U 'jax[tpu]'",
     "metal": "jax-metal: pip install jax-metal (Apple silicon)",
 }
-
-
-class PlatformError(RuntimeError):
-    """The requested backend is unknown or not installed; the message is one line."""
 
 
 def select_platform(name: str | None) -> str:

@@ -70,7 +70,7 @@ class Loaded:
 
 
 def _tokenizer(path: Path):
-    from jaxllm.train.errors import DataError
+    from jaxllm.errors import DataError
     from jaxllm.train.tokenizer import load_tokenizer
 
     if not path.is_file():
@@ -80,7 +80,7 @@ def _tokenizer(path: Path):
 
 def load(args) -> Loaded:
     from jaxllm.config import config_from_dict, load_config, to_dict
-    from jaxllm.train.errors import DataError
+    from jaxllm.errors import DataError
     from jaxllm.train.loop import model_from_run
 
     if args.checkpoint is not None and Path(args.checkpoint).is_dir():  # a run's orbax step: run/checkpoints/N
@@ -136,7 +136,7 @@ def load(args) -> Loaded:
 
 def encode_prompt(tokenizer, text: str, index: int = 0) -> list[int]:
     """Token ids of a prompt; characters a character-level vocabulary lacks are an error."""
-    from jaxllm.decode import DecodeError
+    from jaxllm.errors import DecodeError
     from jaxllm.train.tokenizer import UNK, CharTokenizer
 
     if isinstance(tokenizer, CharTokenizer):
@@ -240,7 +240,8 @@ FIELDS = {"temperature": ("temperature", float), "top_k": ("top_k", int), "top_p
 
 
 def interactive(loaded: Loaded, settings: Settings, *, stops, eos_id, cached, stream, read=input) -> int:
-    from jaxllm.decode import DecodeError, Sampling
+    from jaxllm.decode import Sampling
+    from jaxllm.errors import DecodeError
 
     print(f"jaxllm sample: {loaded.cfg.n_layer} layers, width {loaded.cfg.d_model}, context "
           f"{loaded.cfg.max_seq_len}, engine {loaded.engine}. Type a prompt, or /help.")
@@ -288,7 +289,7 @@ def interactive(loaded: Loaded, settings: Settings, *, stops, eos_id, cached, st
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from jaxllm.platform import select_platform
-    from jaxllm.train.errors import DataError
+    from jaxllm.errors import DataError
 
     if args.prompt is None and args.prompt_file is None and not args.interactive:
         raise DataError("nothing to do: give --prompt TEXT, --prompt-file FILE or --interactive")

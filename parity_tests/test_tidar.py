@@ -8,7 +8,8 @@ import torch
 from flax import nnx
 
 import torch_ref.model as ref
-from jaxllm.model.diffusion import tidar_forward, tidar_losses, tidar_mask
+from jaxllm.model.diffusion import tidar_forward, tidar_mask
+from jaxllm.model.losses import tidar_losses
 from parity_tests.harness import LOGITS_TOL, compare, make_pair, tiny_config
 
 ROPE = dict(position=dict(kind="rope"), norm=dict(kind="rmsnorm", eps=1e-6), mlp=dict(kind="swiglu", d_ff=96))

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxllm.benchmarks import flops_per_token
+from jaxllm.metrics import flops_per_token
 from jaxllm.config import load_config
 from tests.test_cli import dense_param_count
 

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxllm.config import ConfigError, config_from_dict, load_config, parse_override, to_yaml
+from jaxllm.config import config_from_dict, load_config, parse_override, to_yaml
+from jaxllm.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

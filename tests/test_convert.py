@@ -5,7 +5,8 @@ import torch
 from flax import nnx
 
 from jaxllm.config import config_from_dict, to_dict
-from jaxllm.convert import ConversionError, from_state_dict, load_safetensors, save_safetensors, to_state_dict
+from jaxllm.convert import from_state_dict, load_safetensors, save_safetensors, to_state_dict
+from jaxllm.errors import ConversionError
 from jaxllm.model import Transformer
 from torch_ref.model import Transformer as TorchTransformer
 

@@ -15,7 +15,8 @@ from flax import nnx
 
 from jaxllm.cli import main
 from jaxllm.config import Config, config_from_dict, load_config, to_dict, to_yaml
-from jaxllm.convert import ConversionError, load_safetensors, save_safetensors
+from jaxllm.convert import load_safetensors, save_safetensors
+from jaxllm.errors import ConversionError
 from jaxllm.convert.hf import check_exportable, infer_family
 from jaxllm.model import Transformer
 from jaxllm.model.params import Buffer

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm.train import data
-from jaxllm.train.errors import DataError
+from jaxllm.errors import DataError
 from jaxllm.train.tokenizer import CharTokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"

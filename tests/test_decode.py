@@ -11,8 +11,8 @@ from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, Te
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from jaxllm.config import config_from_dict
-from jaxllm.decode import (DecodeError, Sampling, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
-                           check_cacheable, filter_logits, generate, init_cache, next_token)
+from jaxllm.decode import (Sampling, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, check_cacheable, filter_logits, generate, init_cache, next_token)
+from jaxllm.errors import DecodeError
 from jaxllm.model import Transformer
 from jaxllm.model.attention import causal_mask, position_mask, write_cache
 from torch_ref.generate import process_logits

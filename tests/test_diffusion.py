@@ -8,7 +8,8 @@ from flax import nnx
 
 from jaxllm.config import config_from_dict
 from jaxllm.model import Transformer, lm_loss
-from jaxllm.model.diffusion import mask_token_id, tidar_forward, tidar_inputs, tidar_losses, tidar_mask
+from jaxllm.model.diffusion import mask_token_id, tidar_forward, tidar_inputs, tidar_mask
+from jaxllm.model.losses import tidar_losses
 
 
 def brute_force_mask(s, block, window):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxllm.config import ConfigError, config_from_dict
+from jaxllm.config import config_from_dict
+from jaxllm.errors import ConfigError
 from jaxllm.model import Transformer, lm_loss
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.config import ConfigError, load_config
+from jaxllm.config import load_config
+from jaxllm.errors import ConfigError
 from jaxllm.sharding import logical_to_spec, make_mesh, parse_mesh_spec
 from jaxllm.train.loop import Trainer
 

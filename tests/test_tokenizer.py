@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxllm.train.errors import DataError
+from jaxllm.errors import DataError
 from jaxllm.train.tokenizer import UNK, CharTokenizer, HFTokenizer, build_tokenizer, load_tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak. — café 東京\n"

@@ -114,7 +114,8 @@ def run(argv: list[str]) -> int:
     import jax
     from flax import nnx
 
-    from jaxllm.config import ConfigError, load_config, to_dict
+    from jaxllm.config import load_config, to_dict
+    from jaxllm.errors import ConfigError
     from jaxllm.convert import to_state_dict
     from jaxllm.model import Transformer
 

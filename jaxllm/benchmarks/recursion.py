@@ -44,7 +44,8 @@ def run(argv: list[str]) -> int:
 
     import jax
 
-    from jaxllm.config import ConfigError, load_config
+    from jaxllm.config import load_config
+    from jaxllm.errors import ConfigError
 
     loops = [int(r) for r in args.loops.split(",")]
     base = load_config(args.config, [f"model.max_seq_len={max(args.seq, 1)}", "model.recursion.random_loops=false"])

@@ -91,7 +91,7 @@ def run(argv: list[str]) -> int:
 
     import jax
 
-    from jaxllm.benchmarks import flops_per_token, peak_flops
+    from jaxllm.metrics import flops_per_token, peak_flops
     from jaxllm.config import load_config
 
     cfg = load_config(args.config, args.overrides)

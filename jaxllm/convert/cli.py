@@ -25,7 +25,7 @@ import argparse
 from pathlib import Path
 
 from jaxllm.cli import ArgumentParser
-from jaxllm.convert.state_dict import ConversionError
+from jaxllm.errors import ConversionError
 
 TARGETS = ("jaxllm", "torch", "hf", "gguf")
 

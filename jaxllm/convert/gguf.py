@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxllm.convert.hf import check_exportable, infer_family, to_hf_tensors
-from jaxllm.convert.state_dict import ConversionError
+from jaxllm.errors import ConversionError
 from jaxllm.files import atomic_path
 
 FAMILIES = ("llama", "mixtral")
@@ -168,7 +168,8 @@ def load_gguf(path: str | Path, seed: int = 0):
     """A jaxllm Transformer from a llama-architecture GGUF file in F32 or F16 (Llama or Mixtral shaped)."""
     from flax import nnx
 
-    from jaxllm.config import ConfigError, config_from_dict
+    from jaxllm.config import config_from_dict
+    from jaxllm.errors import ConfigError
     from jaxllm.convert.hf import from_hf_tensors
     from jaxllm.convert.state_dict import _params, from_state_dict, torch_shape
     from jaxllm.model import Transformer

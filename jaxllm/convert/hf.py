@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxllm.config import ConfigError, ModelConfig, config_from_dict
-from jaxllm.convert.state_dict import ConversionError
+from jaxllm.config import ModelConfig, config_from_dict
+from jaxllm.errors import ConfigError
+from jaxllm.errors import ConversionError
 from jaxllm.files import atomic_dir
 
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2_moe", "deepseek_v3")

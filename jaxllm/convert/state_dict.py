@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.files import atomic_path
+from jaxllm.errors import ConversionError
 from jaxllm.model.params import Buffer
 
 # Projection name -> how many leading dims of the jaxllm weight are input dims.
@@ -32,10 +33,6 @@ LINEAR_IN_DIMS = {
 }
 # Stacked routed-expert weights `...experts.<name>`: jaxllm [E, in, out], torch_ref [E, out, in].
 EXPERTS = "experts"
-
-
-class ConversionError(ValueError):
-    """A state_dict or file that does not fit the model; the message is one line naming the key."""
 
 
 def _linear(key: str) -> tuple[str, str] | None:

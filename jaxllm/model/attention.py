@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.embeddings import apply_rope, rope_angles
-from jaxllm.model.params import DTYPES, Einsum
+from jaxllm.model.params import Einsum, dtypes
 
 
 def causal_mask(t: int, s: int, window: int | None = None) -> jax.Array:
@@ -78,7 +78,8 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         a = cfg.attention
         d, n, k, h = cfg.d_model, a.n_head, a.n_kv_head, a.head_dim
-        kw = dict(std=cfg.init_std, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
+        dtype, param_dtype = dtypes(cfg)
+        kw = dict(std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Einsum((d,), (n, h), ("embed",), ("heads", "head_dim"), bias=a.qkv_bias, **kw)
         self.k_proj = Einsum((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), bias=a.qkv_bias, **kw)
         self.v_proj = Einsum((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), bias=a.qkv_bias, **kw)

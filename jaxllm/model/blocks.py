@@ -11,7 +11,7 @@ from jaxllm.model.mla import MultiHeadLatentAttention
 from jaxllm.model.mlp import MLP
 from jaxllm.model.moe import MoE
 from jaxllm.model.norms import make_norm
-from jaxllm.model.params import DTYPES, Buffer, Einsum, param, pop_aux_losses
+from jaxllm.model.params import Buffer, Einsum, dtypes, param, pop_aux_losses
 
 
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
@@ -112,11 +112,12 @@ class RecursiveBlock(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         r, d = cfg.recursion, cfg.d_model
+        dtype, param_dtype = dtypes(cfg)
         self.mode, self.n_loops, self.n_latent_steps = r.mode, r.n_loops, r.n_latent_steps
         self.n_grad_loops = r.n_loops if r.n_grad_loops is None else r.n_grad_loops
         self.init, self.random_loops, self.remat = r.init, r.random_loops, cfg.remat
         self.adapter = (Einsum((2 * d,), (d,), ("inject",), ("embed",), bias=False, std=cfg.init_std,
-                               dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                         if r.inject == "concat" else None)
         self.n_states = 2 if r.mode == "trm" else 1  # (y, z) or s
         self.init_state = (Buffer(cfg.init_std * jax.random.normal(rngs.params(), (self.n_states, d)),

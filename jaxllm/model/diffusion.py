@@ -6,7 +6,7 @@ head read a doubled sequence
     tokens    [x_0 ... x_{S-1} | M ... M]      (M: the reserved mask token, every copy masked)
     positions [0   ...   S-1   | 0 ... S-1]    (a mask copy has its clean token's position)
 
-under a structured attention mask, and the loss mixes next-token cross-entropy on the clean half
+under a structured attention mask; the loss (`jaxllm.model.losses.tidar_losses`) mixes next-token cross-entropy on the clean half
 with unshifted cross-entropy on the masked half: (alpha * AR + diffusion) / (1 + alpha).
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.transformer import cross_entropy
 
 
 def mask_token_id(cfg: ModelConfig) -> int:
@@ -64,13 +63,3 @@ def tidar_forward(model, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     mask = tidar_mask(s, cfg.diffusion.block_size, cfg.attention.window)
     logits = model(doubled, positions, mask[None])
     return logits[:, :s], logits[:, s:]
-
-
-def tidar_losses(model, tokens: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(combined, AR, diffusion) losses: AR is next-token cross-entropy of the clean half on
-    `targets`; diffusion is cross-entropy of each mask token on the clean token it stands for
-    (unshifted labels, every token masked); combined = (alpha * AR + diffusion) / (1 + alpha)."""
-    alpha = model.cfg.diffusion.alpha
-    clean, masked = tidar_forward(model, tokens)
-    ar, diffusion = cross_entropy(clean, targets), cross_entropy(masked, tokens)
-    return (alpha * ar + diffusion) / (1 + alpha), ar, diffusion

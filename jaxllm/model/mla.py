@@ -45,7 +45,7 @@ from jaxllm.config import MLAConfig, ModelConfig
 from jaxllm.model.attention import attend, write_cache
 from jaxllm.model.embeddings import apply_rope
 from jaxllm.model.norms import RMSNorm
-from jaxllm.model.params import DTYPES, Einsum
+from jaxllm.model.params import Einsum, dtypes
 
 
 def yarn_get_mscale(factor: float, mscale: float) -> float:
@@ -100,7 +100,7 @@ class MultiHeadLatentAttention(nnx.Module):
         a, m = cfg.attention, cfg.attention.mla
         d, n, c, cq = cfg.d_model, a.n_head, m.kv_lora_rank, m.q_lora_rank
         nope, r, hv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
-        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        dtype, param_dtype = dtypes(cfg)
         kw = dict(std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         heads = ("heads", "head_dim")
         if m.variant == "seed004":

@@ -5,15 +5,15 @@ import jax
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.params import DTYPES, Einsum
+from jaxllm.model.params import Einsum, dtypes
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         m = cfg.mlp
         d, f = cfg.d_model, m.d_ff
-        kw = dict(bias=m.bias, std=cfg.init_std, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
-                  rngs=rngs)
+        dtype, param_dtype = dtypes(cfg)
+        kw = dict(bias=m.bias, std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.kind = m.kind
         if m.kind == "swiglu":
             self.gate_proj = Einsum((d,), (f,), ("embed",), ("mlp",), **kw)

@@ -52,7 +52,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.mlp import MLP
-from jaxllm.model.params import DTYPES, AuxLoss, Buffer, Einsum, param
+from jaxllm.model.params import AuxLoss, Buffer, Einsum, dtypes, param
 
 
 class ExpertLoad(nnx.Variable):
@@ -99,8 +99,7 @@ class MoE(nnx.Module):
         m = cfg.moe
         d, e = cfg.d_model, m.n_routed_experts
         self.moe = m
-        self.dtype = DTYPES[cfg.dtype]
-        param_dtype = DTYPES[cfg.param_dtype]
+        self.dtype, param_dtype = dtypes(cfg)
         # The router runs in float32. Shazeer: W_g and W_noise start at 0 (balanced load at init).
         router_std = 0.0 if m.router == "noisy" else cfg.init_std
         router_kw = dict(bias=False, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.params import DTYPES, param
+from jaxllm.model.params import dtypes, param
 
 
 class LayerNorm(nnx.Module):
@@ -36,7 +36,7 @@ class RMSNorm(nnx.Module):
 
 
 def make_norm(cfg: ModelConfig) -> LayerNorm | RMSNorm:
-    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    dtype, param_dtype = dtypes(cfg)
     if cfg.norm.kind == "rmsnorm":
         return RMSNorm(cfg.d_model, eps=cfg.norm.eps, dtype=dtype, param_dtype=param_dtype)
     return LayerNorm(cfg.d_model, eps=cfg.norm.eps, bias=cfg.norm.bias, dtype=dtype, param_dtype=param_dtype)

@@ -10,7 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtypes(cfg) -> tuple[jnp.dtype, jnp.dtype]:
+    """(compute dtype, parameter dtype) of a ModelConfig: the one place their names become dtypes."""
+    return _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal", std: float = 0.02,

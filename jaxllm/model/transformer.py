@@ -5,14 +5,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.blocks import Block, LayerDrop, RecursiveBlock
 from jaxllm.model.embeddings import Embed
 from jaxllm.model.norms import make_norm
-from jaxllm.model.params import DTYPES, AuxLoss, param, pop_aux_losses
+from jaxllm.model.params import AuxLoss, dtypes, param, pop_aux_losses
 
 
 def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -45,7 +44,7 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        dtype, param_dtype = dtypes(cfg)
         kw = dict(std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), **kw)
         self.embed_positions = (Embed(cfg.max_seq_len, cfg.d_model, ("positions", "embed"), **kw)
@@ -100,25 +99,9 @@ class LMHead(nnx.Module):
     """An untied output projection [D, V]."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype, param_dtype = dtypes(cfg)
         self.weight = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std,
-                            dtype=DTYPES[cfg.param_dtype])
-        self.dtype = DTYPES[cfg.dtype]
+                            dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("BTD,DV->BTV", x.astype(self.dtype), self.weight[...].astype(self.dtype))
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy over all positions (float32)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
-
-
-def lm_loss(model: Transformer, tokens: jax.Array, targets: jax.Array) -> jax.Array:
-    """The training loss: next-token cross-entropy, or TiDAR's (alpha * AR + diffusion) / (1 + alpha)
-    when model.diffusion is on, plus every auxiliary loss (MoE balance, z-loss...) of the forward."""
-    if model.cfg.diffusion.enabled:
-        from jaxllm.model.diffusion import tidar_losses
-
-        return tidar_losses(model, tokens, targets)[0] + pop_aux_losses(model)
-    logits = model(tokens)
-    return cross_entropy(logits, targets) + pop_aux_losses(model)

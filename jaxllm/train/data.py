@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from jaxllm.files import atomic_write
-from jaxllm.train.errors import DataError
+from jaxllm.errors import DataError
 
 CHUNK_CHARS = 1 << 20
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")

@@ -19,7 +19,7 @@ import optax
 import yaml
 from flax import nnx
 
-from jaxllm.benchmarks import flops_per_token, peak_flops
+from jaxllm.metrics import flops_per_token, peak_flops
 from jaxllm.config import Config, to_dict, to_yaml
 from jaxllm.files import atomic_write
 from jaxllm.model import Transformer, cross_entropy, lm_loss
@@ -27,7 +27,7 @@ from jaxllm.model.moe import update_router_bias
 from jaxllm.sharding import batch_divisor, batch_sharding, make_mesh, state_shardings
 from jaxllm.train import data as data_lib
 from jaxllm.train.checkpoint import Checkpointer
-from jaxllm.train.errors import DataError
+from jaxllm.errors import DataError
 from jaxllm.train.monitor import MetricsLog, Wandb
 from jaxllm.train.optim import lr_schedule, make_optimizer
 from jaxllm.train.tokenizer import build_tokenizer, load_tokenizer

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from jaxllm.files import atomic_write
-from jaxllm.train.errors import DataError
+from jaxllm.errors import DataError
 
 UNK = "\ufffd"  # the replacement character stands in for every character outside the vocabulary
 EOT = "<|endoftext|>"
