@@ -52,10 +52,10 @@ class MoE(nn.Module):
         shared_width = m.n_shared_experts * m.shared_intermediate_size
         shared_cfg = namespace(dict(d_model=D, mlp=dict(kind="swiglu", d_ff=shared_width, bias=False, dropout=0.0)))
         if m.n_shared_experts and m.shared_expert_gate:
-            self.shared_expert = MLP(shared_cfg)
-            self.shared_expert_gate = nn.Linear(D, 1, bias=False)
+            self.gated_shared_mlp = MLP(shared_cfg)
+            self.shared_mlp_gate = nn.Linear(D, 1, bias=False)
         elif m.n_shared_experts:
-            self.shared_experts = MLP(shared_cfg)
+            self.shared_mlp = MLP(shared_cfg)
         self.expert_load = torch.zeros(E)
         self.aux_loss = None
 
@@ -136,10 +136,10 @@ class MoE(nn.Module):
             if len(token):
                 out = out.index_add(0, token, weights[token, choice, None].to(x.dtype) * self.experts(x_flat[token], e))
         out = out.view(B, T, D)
-        if hasattr(self, "shared_experts"):
-            out = out + self.shared_experts(x)
-        if hasattr(self, "shared_expert"):
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if hasattr(self, "shared_mlp"):
+            out = out + self.shared_mlp(x)
+        if hasattr(self, "gated_shared_mlp"):
+            out = out + torch.sigmoid(self.shared_mlp_gate(x)) * self.gated_shared_mlp(x)
         return out
 
 

@@ -337,6 +337,9 @@ def _hf_name(key: str, family: str) -> str:
                  (r"layers\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
                  (r"layers\.(\d+)\.mlp\.router\.weight", rf"model.layers.\1.{mlp}.gate.weight"),
                  (r"layers\.(\d+)\.mlp\.expert_bias", r"model.layers.\1.mlp.gate.e_score_correction_bias"),
+                 (r"layers\.(\d+)\.mlp\.shared_mlp\.", r"model.layers.\1.mlp.shared_experts."),  # DeepSeek
+                 (r"layers\.(\d+)\.mlp\.gated_shared_mlp\.", r"model.layers.\1.mlp.shared_expert."),  # Qwen2-MoE
+                 (r"layers\.(\d+)\.mlp\.shared_mlp_gate\.", r"model.layers.\1.mlp.shared_expert_gate."),
                  (r"layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp.")]
     for pattern, repl in rules:
         name, n = re.subn("^" + pattern, repl, key)

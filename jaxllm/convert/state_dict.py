@@ -27,7 +27,7 @@ LINEAR_IN_DIMS = {
     "q_a_proj": 1, "q_b_proj": 1, "kv_a_proj_with_mqa": 1, "kv_b_proj": 1,
     "q_proj_d": 1, "q_proj_u": 1, "kv_proj_d": 1, "k_proj_u": 1, "v_proj_u": 1, "rope_q": 1, "rope_k": 1,
     # Mixture-of-Experts
-    "router": 1, "noise_proj": 1, "shared_expert_gate": 1,
+    "router": 1, "noise_proj": 1, "shared_mlp_gate": 1,
     # RecursiveBlock: the concat-injection adapter Linear(2D -> D)
     "adapter": 1,
 }

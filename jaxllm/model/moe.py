@@ -113,10 +113,10 @@ class MoE(nnx.Module):
         # Shared experts: n_shared_experts SwiGLU experts merged into one MLP of n times the width.
         shared_cfg = dataclasses.replace(cfg, mlp=dataclasses.replace(
             cfg.mlp, kind="swiglu", d_ff=m.n_shared_experts * m.shared_intermediate_size, bias=False, dropout=0.0))
-        self.shared_experts = MLP(shared_cfg, rngs=rngs) if m.n_shared_experts and not m.shared_expert_gate else None
-        self.shared_expert = MLP(shared_cfg, rngs=rngs) if m.n_shared_experts and m.shared_expert_gate else None
-        self.shared_expert_gate = (Einsum((d,), (), ("embed",), (), bias=False, std=cfg.init_std, dtype=self.dtype,
-                                          param_dtype=param_dtype, rngs=rngs) if self.shared_expert else None)
+        self.shared_mlp = MLP(shared_cfg, rngs=rngs) if m.n_shared_experts and not m.shared_expert_gate else None
+        self.gated_shared_mlp = MLP(shared_cfg, rngs=rngs) if m.n_shared_experts and m.shared_expert_gate else None
+        self.shared_mlp_gate = (Einsum((d,), (), ("embed",), (), bias=False, std=cfg.init_std, dtype=self.dtype,
+                                          param_dtype=param_dtype, rngs=rngs) if self.gated_shared_mlp else None)
         # Noise (noisy router): off until model.train(), like nnx.Dropout; drawn from the dropout stream.
         self.deterministic = True
         self.rngs = rngs["dropout"].fork() if m.router == "noisy" else None
@@ -213,11 +213,11 @@ class MoE(nnx.Module):
             y = y[jnp.argsort(order)].reshape(b * t, k, d)  # back to (token, choice) order
             out = jnp.einsum("XAD,XA->XD", y, weights.astype(y.dtype))
         out = out.reshape(b, t, d)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        if self.shared_expert is not None:
-            gate = jax.nn.sigmoid(self.shared_expert_gate("BTD,D->BT", x))
-            out = out + gate[..., None] * self.shared_expert(x)
+        if self.shared_mlp is not None:
+            out = out + self.shared_mlp(x)
+        if self.gated_shared_mlp is not None:
+            gate = jax.nn.sigmoid(self.shared_mlp_gate("BTD,D->BT", x))
+            out = out + gate[..., None] * self.gated_shared_mlp(x)
         return out.astype(self.dtype)
 
 
