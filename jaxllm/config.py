@@ -5,7 +5,7 @@ sections) and `train`. Presets are YAML files in `configs/` holding any subset o
 everything else keeps its default. Overrides use dotted paths: `model.attention.n_kv_head=2`.
 
 `load_config(path, overrides)` returns a validated, *resolved* config: derived fields that the
-user may leave unset (`head_dim`, `n_kv_head`, `d_ff`) are filled in, so every consumer
+user may leave unset (`head_dim`, `n_kv_head`, `d_ff`, MLA's `rope_theta`, ...) are filled in, so every consumer
 (the JAX model, torch_ref, converters) reads one set of concrete numbers.
 
 Every mistake is a `ConfigError` whose message is one line naming the field, the bad value and
@@ -31,7 +31,7 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 @dataclasses.dataclass(frozen=True)
 class PositionConfig:
     kind: Literal["learned", "rope", "none"] = "learned"
-    rope_theta: float = 10000.0  # RoPE base; Hugging Face's half-split (rotate_half) layout
+    rope_theta: float = 10000.0  # RoPE base (kind 'rope' only); Hugging Face's half-split (rotate_half) layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,9 @@ class MLAConfig:
     v_head_dim: int = 128
     rope_layout: Literal["interleaved", "half"] = "interleaved"  # DeepSeek checkpoints: interleaved pairs
     latent_norm_eps: float = 1e-6
+    # Base of the decoupled rope dims, which MLA rotates whatever position.kind says. None: resolved
+    # to position.rope_theta when position.kind is 'rope', else 10000 (seed 004: learned positions).
+    rope_theta: float | None = None
     yarn_factor: float | None = None  # YaRN rope scaling (None: off)
     yarn_original_max_position: int = 4096
     yarn_beta_fast: float = 32.0
@@ -364,6 +367,9 @@ def resolve(cfg: Config) -> Config:
         moe = dataclasses.replace(moe, moe_intermediate_size=mlp.d_ff)
     if moe.n_routed_experts and moe.shared_intermediate_size is None:
         moe = dataclasses.replace(moe, shared_intermediate_size=moe.moe_intermediate_size)
+    if attention.kind == "mla" and attention.mla.rope_theta is None:
+        theta = m.position.rope_theta if m.position.kind == "rope" else 10000.0
+        attention = dataclasses.replace(attention, mla=dataclasses.replace(attention.mla, rope_theta=theta))
     model = dataclasses.replace(m, attention=attention, mlp=mlp, moe=moe)
     train = cfg.train
     _validate_train(train, model)
@@ -394,6 +400,7 @@ def _validate_train(t: TrainConfig, model: ModelConfig) -> None:
         _check(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "> 0 (or null for no clipping)")
     _check(t.sample_every >= 0, "train.sample_every", t.sample_every, "an integer >= 0 (0 = never)")
     _check(t.sample_temperature > 0, "train.sample_temperature", t.sample_temperature, "> 0")
+    mesh_axes(t.mesh)
     for i, stage in enumerate(t.curriculum):
         p = f"train.curriculum[{i}]."
         _check(1 <= stage.seq_len <= model.max_seq_len, p + "seq_len", stage.seq_len,
@@ -403,6 +410,32 @@ def _validate_train(t: TrainConfig, model: ModelConfig) -> None:
         last = i == len(t.curriculum) - 1
         _check((stage.until_ppl is None) == last, p + "until_ppl", stage.until_ppl,
                "null for the last stage only" if last else "a perplexity > 1 (null only on the last stage)")
+
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+def mesh_axes(spec: str) -> dict[str, int]:
+    """The axis sizes of a `train.mesh` spec, every axis present: 'data:2,fsdp:-1' ->
+    {'data': 2, 'fsdp': -1, 'tensor': 1, 'expert': 1}. Checks the syntax and the axis names (at most
+    one -1, which takes the remaining devices); the device arithmetic waits for the run
+    (`jaxllm.sharding.make_mesh`)."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, size = part.partition(":")
+        name = name.strip()
+        if not sep or name not in MESH_AXES or name in sizes:
+            raise ConfigError(f"train.mesh={spec!r}: bad entry {part!r}; expected name:size with names "
+                              f"{', '.join(MESH_AXES)} (each once), e.g. data:2,fsdp:-1")
+        try:
+            sizes[name] = int(size)
+        except ValueError:
+            raise ConfigError(f"train.mesh={spec!r}: size {size.strip()!r} of {name} is not an integer") from None
+        if sizes[name] < 1 and sizes[name] != -1:
+            raise ConfigError(f"train.mesh={spec!r}: size of {name} must be >= 1 or -1")
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError(f"train.mesh={spec!r}: at most one axis may be -1")
+    return {name: sizes.get(name, 1) for name in MESH_AXES}
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:
@@ -440,7 +473,7 @@ def _validate_model(m: ModelConfig) -> None:
     _check(0.0 <= m.layerdrop < 1.0, "model.layerdrop", m.layerdrop, "a probability in [0, 1)")
     _check(m.init_std > 0, "model.init_std", m.init_std, "> 0")
     if a.kind == "mla":
-        _validate_mla(a.mla)
+        _validate_mla(a.mla, m.position)
     if m.moe.n_routed_experts:
         _validate_moe(m.moe, m.n_layer)
     if m.diffusion.enabled:
@@ -471,8 +504,13 @@ def _validate_recursion(r: RecursionConfig, m: ModelConfig) -> None:
     _check(m.layerdrop == 0.0, "model.layerdrop", m.layerdrop, "0 when model.recursion is on (loops never skip layers)")
 
 
-def _validate_mla(mla: MLAConfig) -> None:
+def _validate_mla(mla: MLAConfig, position: PositionConfig) -> None:
     p = "model.attention.mla."
+    if mla.rope_theta is not None:
+        _check(mla.rope_theta > 0, p + "rope_theta", mla.rope_theta, "> 0")
+        if position.kind == "rope":
+            _check(mla.rope_theta == position.rope_theta, p + "rope_theta", mla.rope_theta,
+                   f"null or model.position.rope_theta ({position.rope_theta}) when model.position.kind is 'rope'")
     for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
         _check(getattr(mla, name) >= 1, p + name, getattr(mla, name), "an integer >= 1")
     _check(mla.qk_rope_head_dim % 2 == 0, p + "qk_rope_head_dim", mla.qk_rope_head_dim, "even")

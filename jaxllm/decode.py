@@ -197,8 +197,8 @@ def _stream(tokens, active) -> None:
 
 
 def _eval_model(graphdef, state):
-    """A fresh eval-mode module in the current trace (layers such as MoE record state in their
-    forward, which needs Variables made at this trace level, not reused from outside the loop)."""
+    """A fresh eval-mode module of the state (an eval forward mutates nothing, so the decode loop
+    reuses it at every step)."""
     model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
     model.eval()
     return model
@@ -263,8 +263,7 @@ def _generate(graphdef, state, prompts, lengths, max_new, sampling, eos_id, stop
         full_positions = jnp.clip(positions, 0, max_seq_len - 1)
 
         def full_logits(tokens, t):
-            m = _eval_model(graphdef, state)
-            logits = m(tokens, full_positions, full_mask)
+            logits = model(tokens, full_positions, full_mask)
             return jax.lax.dynamic_index_in_dim(logits, p - 1 + t, axis=1, keepdims=False)
 
         logits = full_logits(full, 0)
@@ -295,8 +294,7 @@ def _generate(graphdef, state, prompts, lengths, max_new, sampling, eos_id, stop
             q_pos = (lengths + t)[:, None]
             slot_pos = write_cache(slot_pos, q_pos, step)
             mask = position_mask(q_pos, slot_pos, cfg.attention.window)
-            m = _eval_model(graphdef, state)
-            logits, cache = forward_cached(m, token[:, None], q_pos, cache, step, mask, False)
+            logits, cache = forward_cached(model, token[:, None], q_pos, cache, step, mask, False)
             mode_state = (cache, slot_pos)
         else:
             mode_state = jax.lax.dynamic_update_slice_in_dim(mode_state, token[:, None], p + t, axis=1)

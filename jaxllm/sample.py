@@ -5,8 +5,9 @@
         --prompt-file prompts.txt --temperature 0.8 --top-p 0.95
     python scripts/sample.py --run runs/seed003-char-gpt --interactive
 
---run loads the latest (or --step) orbax checkpoint of a training run directory with its config
-and tokenizer (--checkpoint RUN/checkpoints/N names one step the same way); --checkpoint FILE loads
+--run loads the model of the latest (or --step) orbax checkpoint of a training run directory (its
+parameters only, sharded over the run's train.mesh as in training), with the run's config and
+tokenizer (--checkpoint RUN/checkpoints/N names one step the same way); --checkpoint FILE loads
 torch_ref weights as safetensors (the config from the file's metadata, or --config; the tokenizer
 from --tokenizer or tokenizer.json beside the file).
 A single prompt streams to stdout as it is generated; a prompt file (one prompt per line) is
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 from jaxllm.cli import ArgumentParser
+from jaxllm.errors import DataError, DecodeError
 
 
 def parser() -> ArgumentParser:
@@ -70,7 +72,6 @@ class Loaded:
 
 
 def _tokenizer(path: Path):
-    from jaxllm.errors import DataError
     from jaxllm.train.tokenizer import load_tokenizer
 
     if not path.is_file():
@@ -80,8 +81,6 @@ def _tokenizer(path: Path):
 
 def load(args) -> Loaded:
     from jaxllm.config import config_from_dict, load_config, to_dict
-    from jaxllm.errors import DataError
-    from jaxllm.train.loop import model_from_run
 
     if args.checkpoint is not None and Path(args.checkpoint).is_dir():  # a run's orbax step: run/checkpoints/N
         step_dir = Path(args.checkpoint)
@@ -90,11 +89,11 @@ def load(args) -> Loaded:
                             f"give a safetensors file, a step directory or --run")
         args.run, args.step, args.checkpoint = str(step_dir.parent.parent), int(step_dir.name), None
     if args.run is not None:
+        from jaxllm.checkpoint import load_model
+
         run_dir = Path(args.run)
-        if not (run_dir / "config.yaml").is_file():
-            raise DataError(f"{str(run_dir)!r} is not a run directory (no config.yaml); give a run directory or --checkpoint")
+        model = load_model(run_dir, args.step)[0]  # the parameters only, sharded like training
         tokenizer = _tokenizer(Path(args.tokenizer) if args.tokenizer else run_dir / "tokenizer.json")
-        model = model_from_run(run_dir, args.step)[0]
         cfg, state_dict = model.cfg, None
     else:
         from jaxllm.convert import load_safetensors, model_from_state_dict
@@ -136,7 +135,6 @@ def load(args) -> Loaded:
 
 def encode_prompt(tokenizer, text: str, index: int = 0) -> list[int]:
     """Token ids of a prompt; characters a character-level vocabulary lacks are an error."""
-    from jaxllm.errors import DecodeError
     from jaxllm.train.tokenizer import UNK, CharTokenizer
 
     if isinstance(tokenizer, CharTokenizer):
@@ -241,7 +239,6 @@ FIELDS = {"temperature": ("temperature", float), "top_k": ("top_k", int), "top_p
 
 def interactive(loaded: Loaded, settings: Settings, *, stops, eos_id, cached, stream, read=input) -> int:
     from jaxllm.decode import Sampling
-    from jaxllm.errors import DecodeError
 
     print(f"jaxllm sample: {loaded.cfg.n_layer} layers, width {loaded.cfg.d_model}, context "
           f"{loaded.cfg.max_seq_len}, engine {loaded.engine}. Type a prompt, or /help.")
@@ -289,7 +286,6 @@ def interactive(loaded: Loaded, settings: Settings, *, stops, eos_id, cached, st
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from jaxllm.platform import select_platform
-    from jaxllm.errors import DataError
 
     if args.prompt is None and args.prompt_file is None and not args.interactive:
         raise DataError("nothing to do: give --prompt TEXT, --prompt-file FILE or --interactive")

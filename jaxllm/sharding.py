@@ -21,9 +21,9 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from jaxllm.config import MESH_AXES, mesh_axes
 from jaxllm.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp")
 
 # Logical axis name -> mesh axis (None: replicated). Names a table does not list are replicated.
@@ -43,24 +43,11 @@ RULES: dict[str, str | None] = {
 
 
 def parse_mesh_spec(spec: str, n_devices: int) -> dict[str, int]:
-    """'data:2,fsdp:-1' -> {'data': 2, 'fsdp': n/2, 'tensor': 1, 'expert': 1}."""
-    sizes: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, sep, size = part.partition(":")
-        if not sep or name not in MESH_AXES or name in sizes:
-            raise ConfigError(f"train.mesh={spec!r}: bad entry {part!r}; expected name:size with names "
-                              f"{', '.join(MESH_AXES)} (each once), e.g. data:2,fsdp:-1")
-        try:
-            sizes[name] = int(size)
-        except ValueError:
-            raise ConfigError(f"train.mesh={spec!r}: size {size!r} of {name} is not an integer") from None
-        if sizes[name] < 1 and sizes[name] != -1:
-            raise ConfigError(f"train.mesh={spec!r}: size of {name} must be >= 1 or -1")
-    sizes = {name: sizes.get(name, 1) for name in MESH_AXES}
+    """'data:2,fsdp:-1' -> {'data': 2, 'fsdp': n/2, 'tensor': 1, 'expert': 1}. The syntax was checked
+    when the config loaded (`config.mesh_axes`); this adds the device arithmetic."""
+    sizes = mesh_axes(spec)
     free = [name for name, size in sizes.items() if size == -1]
     fixed = math.prod(size for size in sizes.values() if size != -1)
-    if len(free) > 1:
-        raise ConfigError(f"train.mesh={spec!r}: at most one axis may be -1")
     if free:
         if n_devices % fixed:
             raise ConfigError(f"train.mesh={spec!r}: {n_devices} devices do not divide by {fixed}")

@@ -3,6 +3,10 @@
 Contract (DESIGN.md): float32 on CPU, sequences >= 256 tokens, weights drawn with std 0.1-0.3 so
 logits are not tiny; logits max|jax - torch| / max|torch| <= 1e-4, per-token KL <= 1e-6, and the
 gradient of the loss on every parameter <= 1e-4 relative (max abs difference / max abs value).
+
+The loss is compared as training computes it, in training mode: only a training forward records
+the MoE aux losses. The noisy router's training noise is drawn once per pair (`Pair.router_noise`)
+and fed to both sides.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from flax import nnx
 from jaxllm.config import Config, config_from_dict, to_dict
 from jaxllm.convert import from_state_dict, to_state_dict
 from jaxllm.model import Transformer, lm_loss
-from jaxllm.model.transformer import pop_aux_losses
+from jaxllm.model.moe import pop_expert_load
+from jaxllm.model.params import pop_aux_losses
 from torch_ref.model import Transformer as TorchTransformer
 
 LOGITS_TOL = 1e-4
@@ -61,6 +66,15 @@ class Pair:
     jax_model: Transformer
     torch_model: TorchTransformer
     tokens: np.ndarray  # [B, SEQ + 1]
+    router_noise: np.ndarray | None = None  # [B, SEQ, E] the noisy router's training noise, both sides
+
+    def train(self, training: bool = True) -> None:
+        """Both models in training (or eval) mode."""
+        if training:
+            self.jax_model.train()
+        else:
+            self.jax_model.eval()
+        self.torch_model.train(training)
 
 
 def make_pair(cfg: Config, seed: int = 0, batch: int = 2, seq: int = SEQ) -> Pair:
@@ -71,7 +85,16 @@ def make_pair(cfg: Config, seed: int = 0, batch: int = 2, seq: int = SEQ) -> Pai
     jax_model.eval()
     torch_model.eval()
     tokens = np.random.default_rng(seed + 1).integers(0, cfg.model.vocab_size, (batch, seq + 1))
-    return Pair(cfg, jax_model, torch_model, tokens)
+    moe = cfg.model.moe
+    noise = (np.random.default_rng(seed + 2).standard_normal((batch, seq, moe.n_routed_experts)).astype(np.float32)
+             if moe.n_routed_experts and moe.router == "noisy" else None)
+    return Pair(cfg, jax_model, torch_model, tokens, noise)
+
+
+def training_draws(cfg: Config) -> bool:
+    """Whether a training forward draws random numbers the harness cannot feed to both sides."""
+    m = cfg.model
+    return bool(m.dropout or m.attention.dropout or m.mlp.dropout or m.layerdrop or m.recursion.random_loops)
 
 
 @dataclasses.dataclass
@@ -105,26 +128,40 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
     return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def _jax_forward_and_grads(model, inputs, targets):
-    @nnx.jit
-    def run(model, inputs, targets):
-        logits = model(inputs)
-        pop_aux_losses(model)  # this forward's aux losses; lm_loss records its own
-        loss, grads = nnx.value_and_grad(lm_loss)(model, inputs, targets)
-        return logits, loss, grads
-
-    return run(model, inputs, targets)
+@nnx.jit
+def _jax_logits(model, inputs, noise):
+    logits = model(inputs, router_noise=noise)
+    pop_aux_losses(model)  # what a training-mode forward recorded; the loss forward records its own
+    pop_expert_load(model)
+    return logits
 
 
-def compare(pair: Pair) -> Report:
+@nnx.jit
+def _jax_loss_and_grads(model, inputs, targets, noise):
+    return nnx.value_and_grad(lm_loss)(model, inputs, targets, noise)
+
+
+def compare(pair: Pair, train: bool | None = None) -> Report:
+    """The logits in the pair's mode (eval unless a test switched both models), then the full loss
+    (aux losses included) and its gradients in training mode, or with train=False in the pair's
+    mode; train=None: training mode unless the config's training forward draws random numbers
+    (dropout, LayerDrop, random loop counts). The loss forward's expert loads stay in the jax model
+    (`pop_expert_load`), as torch_ref's stay in its MoE layers."""
     inputs, targets = pair.tokens[:, :-1], pair.tokens[:, 1:]
-    logits_j, loss_j, grads_j = _jax_forward_and_grads(pair.jax_model, jnp.asarray(inputs), jnp.asarray(targets))
-    logits_j = np.asarray(logits_j, np.float64)
+    noise_j, noise_t = (None, None) if pair.router_noise is None else (
+        jnp.asarray(pair.router_noise), torch.from_numpy(pair.router_noise))
+    logits_j = np.asarray(_jax_logits(pair.jax_model, jnp.asarray(inputs), noise_j), np.float64)
+    logits_t = pair.torch_model(torch.from_numpy(inputs), router_noise=noise_t).detach().double().numpy()
 
+    was_training = pair.torch_model.training
+    if train is None:
+        train = not training_draws(pair.cfg)
+    pair.train(train or was_training)
+    loss_j, grads_j = _jax_loss_and_grads(pair.jax_model, jnp.asarray(inputs), jnp.asarray(targets), noise_j)
     pair.torch_model.zero_grad()
-    logits_t = pair.torch_model(torch.from_numpy(inputs)).detach().double().numpy()
-    loss_t = pair.torch_model.loss(torch.from_numpy(inputs), torch.from_numpy(targets))
+    loss_t = pair.torch_model.loss(torch.from_numpy(inputs), torch.from_numpy(targets), router_noise=noise_t)
     loss_t.backward()
+    pair.train(was_training)
     loss_rel = abs(float(loss_j) - loss_t.item()) / abs(loss_t.item())
 
     logits_rel = float(np.abs(logits_j - logits_t).max() / np.abs(logits_t).max())

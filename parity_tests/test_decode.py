@@ -65,3 +65,21 @@ def test_a_tidar_model_decodes_with_the_cache_and_never_samples_its_mask_token()
     assert cached == generate(pair.jax_model, prompts, max_new_tokens=NEW, cached=False)
     assert cached == torch_generate(pair.torch_model, prompts, NEW)
     assert cached == torch_generate(pair.torch_model, prompts, NEW, cached=False)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_torch_ref_streams_every_token_with_and_without_its_cache(cached):
+    """on_token(tokens [B], active [B]) is called once per step on both torch_ref paths; the tokens
+    of the active rows are the returned ones, here with one row ending early at EOS."""
+    pair = make_pair(tiny_config(position=dict(kind="rope")), seed=14, seq=64)
+    prompts = [pair.tokens[0, :40].tolist(), pair.tokens[1, :23].tolist()]
+    full = torch_generate(pair.torch_model, prompts, 24)
+    eos = full[0][2]
+    assert eos not in full[0][:2] + full[1]  # row 0 stops at its 3rd token, row 1 runs on
+    steps = []
+    out = torch_generate(pair.torch_model, prompts, 24, eos_id=eos, cached=cached,
+                         on_token=lambda tokens, active: steps.append((tokens.tolist(), list(active))))
+    assert out == [full[0][:3], full[1]]
+    assert len(steps) == max(map(len, out))
+    streamed = [[tokens[b] for tokens, active in steps if active[b]] for b in range(2)]
+    assert streamed == out

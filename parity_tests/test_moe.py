@@ -1,25 +1,29 @@
 """jaxllm vs torch_ref on Mixture-of-Experts models: every router, both kinds of shared experts, MoE
-placement, capacity dropping and the full loss with its auxiliary losses (DESIGN.md parity contract).
+placement, capacity dropping, LayerDrop, and the full loss with its auxiliary losses (DESIGN.md
+parity contract).
 
-The noisy router's noise is fed to both sides: the same N(0, 1) draw goes into jaxllm as a
-`RouterNoise` variable and into torch_ref as `router_noise`, and both models are put in training
-mode (dropout and LayerDrop are 0 in these configs, so only the noise is switched on).
+The harness compares the loss in training mode (only training records aux losses); the noisy
+router's training noise is the pair's `router_noise` [B, T, E], passed to both sides' forward
+(`router_noise=`). Dropout is 0 in these configs, so training mode switches on only the noise.
 """
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import torch_ref.moe as ref_moe
-from jaxllm.model.moe import MoE, RouterNoise
-from parity_tests.harness import LOGITS_TOL, SEQ, compare, make_pair, tiny_config
+from jaxllm.config import to_dict
+from jaxllm.model.moe import MoE, pop_expert_load, update_router_bias
+from parity_tests.harness import LOGITS_TOL, compare, make_pair, tiny_config
+from torch_ref.model import Transformer as TorchTransformer
 
 BASE = dict(position=dict(kind="rope"), norm=dict(kind="rmsnorm", eps=1e-6), mlp=dict(kind="swiglu", d_ff=96),
             attention=dict(n_head=4, n_kv_head=2))
 
 
-def moe_config(n_layer=2, **moe):
-    return tiny_config(**BASE, n_layer=n_layer, moe=dict(moe_intermediate_size=32, **moe))
+def moe_config(n_layer=2, layerdrop=0.0, **moe):
+    return tiny_config(**BASE, n_layer=n_layer, layerdrop=layerdrop, moe=dict(moe_intermediate_size=32, **moe))
 
 
 CASES = {
@@ -38,8 +42,9 @@ CASES = {
     "qwen2-gated-shared": dict(n_routed_experts=4, num_experts_per_tok=2, router="softmax", norm_topk_prob=False,
                                n_shared_experts=1, shared_intermediate_size=48, shared_expert_gate=True,
                                aux_loss_coef=0.001),
-    # Shazeer: noisy top-k in eval (no noise): importance loss, load = counts, balance and z-loss
-    "noisy-eval": dict(n_routed_experts=4, num_experts_per_tok=2, router="noisy", n_shared_experts=1,
+    # Shazeer: noisy top-k, eval logits without noise; the training loss with the pair's noise:
+    # importance loss, smooth load estimate, balance and z-loss
+    "noisy": dict(n_routed_experts=4, num_experts_per_tok=2, router="noisy", n_shared_experts=1,
                        importance_loss_coef=0.1, load_loss_coef=0.1, aux_loss_coef=0.01, z_loss_coef=0.001),
     # capacity dropping (jaxllm: sort-based ranks; torch_ref: cumulative one-hot counts)
     "capacity-1.0-grouped": dict(n_routed_experts=4, num_experts_per_tok=2, capacity_factor=1.0, aux_loss_coef=0.01),
@@ -56,16 +61,6 @@ def set_expert_bias(pair, seed):
             torch_block.mlp.expert_bias.copy_(torch.from_numpy(bias))
 
 
-def inject_noise(pair, seed, batch=2, seq=SEQ):
-    """The same N(0, 1) router noise [B, T, E] for each MoE layer on both sides; both models in training mode."""
-    rng = np.random.default_rng(seed)
-    for block, torch_block in zip(pair.jax_model.layers, pair.torch_model.layers):
-        if isinstance(block.mlp, MoE):
-            noise = rng.standard_normal((batch, seq, block.mlp.moe.n_routed_experts)).astype(np.float32)
-            block.mlp.router_noise = RouterNoise(jnp.asarray(noise))
-            torch_block.mlp.router_noise = torch.from_numpy(noise)
-    pair.jax_model.train()
-    pair.torch_model.train()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -81,16 +76,16 @@ def test_noisy_router_with_training_noise():
     moe = dict(n_routed_experts=4, num_experts_per_tok=2, router="noisy", n_shared_experts=1,
                importance_loss_coef=0.1, load_loss_coef=0.1, aux_loss_coef=0.01, z_loss_coef=0.001)
     pair = make_pair(moe_config(**moe), seed=11)
-    inject_noise(pair, seed=11)
+    pair.train()  # the logits with the noise too
     report = compare(pair)
     assert report.ok(), str(report)
-    # the injected noise is what both sides used: other noise changes torch_ref's loss
+    # the pair's noise is what both sides used: other noise changes torch_ref's loss
     inputs, targets = (torch.from_numpy(t) for t in (pair.tokens[:, :-1], pair.tokens[:, 1:]))
+    noise = torch.from_numpy(pair.router_noise)
     with torch.no_grad():
-        loss = pair.torch_model.loss(inputs, targets).item()
-        for torch_block in pair.torch_model.layers:
-            torch_block.mlp.router_noise = torch.zeros_like(torch_block.mlp.router_noise)
-        assert abs(pair.torch_model.loss(inputs, targets).item() - loss) > LOGITS_TOL * abs(loss)
+        loss = pair.torch_model.loss(inputs, targets, router_noise=noise).item()
+        zeroed = pair.torch_model.loss(inputs, targets, router_noise=torch.zeros_like(noise)).item()
+        assert abs(zeroed - loss) > LOGITS_TOL * abs(loss)
 
 
 def test_placement_first_k_dense_and_moe_every():
@@ -109,9 +104,59 @@ def test_seed002_shape_with_window_gqa_rezero():
                       moe=dict(n_routed_experts=4, num_experts_per_tok=2, router="noisy", moe_intermediate_size=32,
                                n_shared_experts=1, aux_loss_coef=0.01, z_loss_coef=0.001))
     pair = make_pair(cfg, seed=31)
-    inject_noise(pair, seed=31)
+    pair.train()
     report = compare(pair)
     assert report.ok(), str(report)
+
+
+def next_layerdrop_draw(model, n_layer) -> list[bool]:
+    """Which layers jaxllm's next training forward keeps: a copy of its LayerDrop (the same RNG
+    stream, at the same count) draws the same mask."""
+    layerdrop = nnx.clone(model.layerdrop)
+    layerdrop.train()
+    return np.asarray(layerdrop.keep(n_layer)).tolist()
+
+
+def test_layerdrop_with_moe_matches_torch_ref_on_the_same_dropped_layers(monkeypatch):
+    """Training steps at LayerDrop 0.5: torch_ref skips the layers that jaxllm's draw skips. The loss
+    holds the aux losses of the layers that ran in this forward only; it, every gradient and the V3
+    bias step from the loads of the layers that ran agree, step after step."""
+    n_layer, seed = 4, 41
+    pair = make_pair(moe_config(n_layer=n_layer, layerdrop=0.5, **CASES["sigmoid-v3-bias-groups"]), seed=seed)
+    set_expert_bias(pair, seed)
+    masks = []
+    for step in range(3):
+        keep = next_layerdrop_draw(pair.jax_model, n_layer)
+        monkeypatch.setattr(TorchTransformer, "layerdrop_keep", lambda self, n, keep=keep: keep)
+        report = compare(pair, train=True)  # eval logits, then one training forward on each side
+        assert report.ok(), f"step {step}, keep {keep}: {report}"
+        update_router_bias(pair.jax_model, pop_expert_load(pair.jax_model))
+        ref_moe.update_router_bias(pair.torch_model)
+        for i, (block, torch_block) in enumerate(zip(pair.jax_model.layers, pair.torch_model.layers)):
+            np.testing.assert_allclose(np.asarray(block.mlp.expert_bias[...]), torch_block.mlp.expert_bias.numpy(),
+                                       atol=1e-6, err_msg=f"step {step}, layer {i}, keep {keep}")
+        masks.append(keep)
+    # the draws exercise the defect: a layer that ran in one step is skipped in the next
+    assert any(a and not b for prev, now in zip(masks, masks[1:]) for a, b in zip(prev, now)), masks
+    assert all(any(m) and not all(m) for m in masks[1:]), masks
+
+
+def test_torch_ref_trains_with_layerdrop_on_a_moe_model():
+    """A layer LayerDrop skips records no aux loss in that forward: the loss never holds an earlier
+    step's aux loss, whose graph backward() has already freed."""
+    cfg = moe_config(n_layer=4, layerdrop=0.5, **CASES["softmax-renorm"])
+    torch.manual_seed(0)
+    model = TorchTransformer(to_dict(cfg.model)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 65))
+    ran = []
+    for _ in range(8):
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ran.append([block.mlp.aux_loss is not None for block in model.layers])
+    assert any(a and not b for prev, now in zip(ran, ran[1:]) for a, b in zip(prev, now)), ran
 
 
 # -- sensitivity: break one MoE piece in torch_ref only; the comparison must fail ---------------
@@ -126,7 +171,7 @@ def select_ignoring_groups(self, scores):
 
 
 BREAKS = {
-    "cv-squared-sample-variance": ("noisy-eval", "cv_squared", cv_squared_sample_variance, ref_moe),
+    "cv-squared-sample-variance": ("noisy", "cv_squared", cv_squared_sample_variance, ref_moe),
     "groups-ignored": ("softmax-v2-groups-shared", "select", select_ignoring_groups, ref_moe.MoE),
 }
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import torch_ref.layers as layers
 import torch_ref.model as ref
 from parity_tests.harness import compare, make_pair, tiny_config
 
@@ -29,11 +30,11 @@ def gqa_modulo_forward(self, x, positions, mask=None):  # query head n reads kv 
     k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
     v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
     if self.rope_theta is not None:
-        rope = ref.rope_angles(positions, self.head_dim, self.rope_theta)
-        q, k = ref.apply_rope(q, *rope), ref.apply_rope(k, *rope)
+        rope = layers.rope_angles(positions, self.head_dim, self.rope_theta)
+        q, k = layers.apply_rope(q, *rope), layers.apply_rope(k, *rope)
     groups = self.n_head // self.n_kv_head
     k, v = k.repeat(1, groups, 1, 1), v.repeat(1, groups, 1, 1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=ref.causal_mask(T, self.window))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=layers.causal_mask(T, self.window))
     return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -45,7 +46,7 @@ def gelu_always_tanh(x, approximate="none", _gelu=F.gelu):
     return _gelu(x, approximate="tanh")
 
 
-def rope_theta_ignored(positions, head_dim, theta, _angles=ref.rope_angles):
+def rope_theta_ignored(positions, head_dim, theta, _angles=layers.rope_angles):
     return _angles(positions, head_dim, 10000.0)
 
 
@@ -63,16 +64,16 @@ def recursion_with_gradient_through_every_loop(self, core, e, positions, mask, _
 
 
 MUTATIONS = {
-    "rope-layout": (dict(position=dict(kind="rope")), ref, "apply_rope", rope_interleaved),
-    "rope-theta": (dict(position=dict(kind="rope", rope_theta=500000.0)), ref, "rope_angles", rope_theta_ignored),
-    "window-off-by-one": (dict(attention=dict(n_head=4, window=16)), ref, "causal_mask", mask_window_plus_one),
-    "gqa-grouping": (dict(position=dict(kind="rope"), attention=dict(n_head=4, n_kv_head=2)), ref.Attention,
+    "rope-layout": (dict(position=dict(kind="rope")), layers, "apply_rope", rope_interleaved),
+    "rope-theta": (dict(position=dict(kind="rope", rope_theta=500000.0)), layers, "rope_angles", rope_theta_ignored),
+    "window-off-by-one": (dict(attention=dict(n_head=4, window=16)), layers, "causal_mask", mask_window_plus_one),
+    "gqa-grouping": (dict(position=dict(kind="rope"), attention=dict(n_head=4, n_kv_head=2)), layers.Attention,
                      "forward", gqa_modulo_forward),
     "tidar-label-leak": (dict(diffusion=dict(enabled=True, block_size=8)), ref, "tidar_mask", tidar_mask_leaking_labels),
     "recursion-no-grad-loops": (dict(recursion=dict(mode="loop", n_core=1, n_loops=3, n_grad_loops=1)),
                                 ref.RecursiveBlock, "forward", recursion_with_gradient_through_every_loop),
     "rezero-alpha": (dict(rezero=True), ref.Block, "residual", residual_without_alpha),
-    "gelu-form": (dict(mlp=dict(kind="gelu")), ref.F, "gelu", gelu_always_tanh),
+    "gelu-form": (dict(mlp=dict(kind="gelu")), layers.F, "gelu", gelu_always_tanh),
 }
 
 

@@ -74,3 +74,55 @@ def test_decode_benchmark_prints_a_row_per_implementation_and_agreement(capsys):
     rows = {line.split("  ")[0]: line.split() for line in capsys.readouterr().out.splitlines() if "    2 " in line}
     assert [name.split(" (")[0].split(" eager")[0] for name in rows] == ["jaxllm", "torch_ref", "HF generate, static cache"]
     assert [r[-1] for r in rows.values()] == ["-", "yes", "yes"]  # the same greedy tokens on the same weights
+
+
+def test_train_benchmark_times_the_training_loops_own_step(monkeypatch, capsys):
+    """`bench train` times Trainer.train_step (the real optimizer, clipping, router-bias update and
+    sharding), on the same batch each step, with overrides before and after the options."""
+    from jaxllm.benchmarks.train import run
+    from jaxllm.train import loop
+
+    calls = []
+
+    class Spy(loop.Trainer):
+        def __init__(self, cfg, mesh):
+            super().__init__(cfg, mesh)
+            step = self.train_step
+            def spy(state, batch):
+                calls.append((batch.shape, batch.sharding.mesh.size))
+                return step(state, batch)
+
+            self.train_step = spy
+
+    monkeypatch.setattr(loop, "Trainer", Spy)
+    assert run(["model.n_layer=1", "--config", str(ROOT / "configs/tiny-gpt.yaml"), "--batch", "8", "--seq", "16",
+                "--steps", "2", "--warmup", "1", "--no-torch", "train.optimizer=lion"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [((8, 17), 8)] * 3  # 1 warm-up + 2 timed calls of the real step, over the 8-device mesh
+    assert "jaxllm (Trainer, lion)" in out and "mesh {'data': 8" in out
+
+
+def test_train_benchmark_errors_are_one_line(capsys):
+    from jaxllm.benchmarks.train import run
+    from jaxllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--batch 12 must divide by the data x fsdp size \(8\)"):
+        run(["--config", str(ROOT / "configs/tiny-gpt.yaml"), "--batch", "12", "--no-torch"])
+
+
+@pytest.mark.parametrize("section, argv, row", [
+    ("moe", ["model.n_layer=1", "--batch", "1", "--seq", "16", "--steps", "1", "--dispatch", "grouped",
+             "model.moe.n_routed_experts=4"], ["grouped", "4"]),  # dispatch, experts: the override was read
+    ("recursion", ["model.d_model=32", "--loops", "2", "--batch", "1", "--seq", "16", "model.n_layer=3"], ["2"]),
+])
+def test_moe_and_recursion_benchmarks_take_the_same_options_and_overrides(section, argv, row, capsys):
+    import importlib
+
+    run = importlib.import_module(f"jaxllm.benchmarks.{section}").run
+    assert run(argv) == 0
+    out = capsys.readouterr().out
+    assert any(line.split()[:len(row)] == row for line in out.splitlines()[3:]), out
+    from jaxllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.colour"):  # a bad override is a user error, before any work
+        run([*argv, "model.colour=1"])

@@ -81,3 +81,16 @@ def test_errors_name_the_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("mesh, message", [("dat:2", "bad entry 'dat:2'"), ("data:x", "not an integer"),
+                                           ("data:-1,fsdp:-1", "at most one axis"), ("data:0", ">= 1 or -1"),
+                                           ("data:2,data:2", "each once")])
+def test_train_mesh_syntax_and_axis_names_are_checked_when_the_config_loads(mesh, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        config_from_dict({"train": {"mesh": mesh}})
+    assert "\n" not in str(e.value)
+
+
+def test_train_mesh_device_arithmetic_waits_for_the_run():
+    assert config_from_dict({"train": {"mesh": "data:3,tensor:5"}}).train.mesh == "data:3,tensor:5"

@@ -72,8 +72,8 @@ def test_a_training_run_directory_converts_with_its_tokenizer(tmp_path):
 
     from jaxllm.sharding import make_mesh
     from jaxllm.train import data as data_lib
-    from jaxllm.train.checkpoint import Checkpointer
-    from jaxllm.train.loop import Trainer, model_from_run, prepare_run_dir
+    from jaxllm.checkpoint import Checkpointer, load_model
+    from jaxllm.train.loop import Trainer, prepare_run_dir
 
     corpus = tmp_path / "corpus.txt"
     words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "runs", "far", "away"]
@@ -97,7 +97,7 @@ def test_a_training_run_directory_converts_with_its_tokenizer(tmp_path):
     assert tokenizer.decode(tokenizer.encode("the lazy dog")) == "the lazy dog"
     assert convert(tmp_path / "hf", tmp_path / "back", "--to", "jaxllm") == 0
     assert listing(tmp_path / "back") == {"model.safetensors", "config.yaml", "tokenizer.json"}
-    expected, step = model_from_run(tmp_path / "run")
+    expected, step = load_model(tmp_path / "run")
     assert step == 1
     state_dict, _ = load_safetensors(tmp_path / "back" / "model.safetensors")
     from jaxllm.convert import to_state_dict

@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 
 from jaxllm.config import MLAConfig, config_from_dict, to_dict
+from jaxllm.errors import ConfigError
 from jaxllm.convert.state_dict import to_torch_layout, torch_shape
 from jaxllm.model import Transformer
 from jaxllm.model.mla import MultiHeadLatentAttention, mscale_squared, rope_amplitude, rope_inv_freq, softmax_scale
@@ -161,3 +162,26 @@ def test_latents_are_causal_and_share_one_rope_key_for_deepseek(mla):
 def test_converter_round_trip_is_exact(mla):
     cfg = mla_model_config(mla, attention=dict(kind="mla", n_head=4, mla=mla, qkv_bias=True, out_bias=True))
     assert_jax_torch_jax_round_trip_is_exact(cfg, randomized(cfg))
+
+
+def test_mla_rotates_with_its_own_theta_and_ignores_position_rope_theta_when_positions_are_learned():
+    """Seed 004's layout: learned positions and MLA's rope dims. `position.rope_theta` belongs to rope
+    positions; MLA reads `mla.rope_theta` (resolved from position.rope_theta for rope models only)."""
+    learned = dict(kind="learned")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (1, 48)))
+
+    def logits(position, mla=DEEPSEEK):
+        cfg = mla_model_config(mla, position=position)
+        return np.asarray(randomized(cfg)(tokens))
+
+    base = logits(learned)
+    assert mla_model_config(DEEPSEEK, position=learned).attention.mla.rope_theta == 10000.0
+    np.testing.assert_array_equal(logits(dict(learned, rope_theta=500.0)), base)
+    assert np.abs(logits(learned, {**DEEPSEEK, "rope_theta": 500.0}) - base).max() > 1e-3
+    assert mla_model_config(DEEPSEEK, position=dict(kind="rope", rope_theta=500.0)).attention.mla.rope_theta == 500.0
+
+
+def test_mla_rope_theta_that_contradicts_position_rope_theta_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"model.attention.mla.rope_theta=500.0 is invalid") as e:
+        mla_model_config({**DEEPSEEK, "rope_theta": 500.0}, position=dict(kind="rope", rope_theta=10000.0))
+    assert "\n" not in str(e.value)

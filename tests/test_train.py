@@ -1,4 +1,5 @@
-"""The training loop: accumulation, resume, checkpoints, curriculum, outputs and CLI errors."""
+"""The training loop: accumulation, resume, checkpoints, curriculum, outputs, loading a run for
+inference, and CLI errors."""
 import json
 import os
 import subprocess
@@ -9,12 +10,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import yaml
 from flax import nnx
 
+from jaxllm.checkpoint import Checkpointer, inference_mesh, load_model
 from jaxllm.cli import run
 from jaxllm.config import TrainConfig, load_config
+from jaxllm.errors import DataError
 from jaxllm.sharding import make_mesh
-from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.loop import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +62,31 @@ def test_gradient_accumulation_4x2_equals_a_batch_of_8():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
         moved += not np.allclose(np.asarray(a), c)
     assert moved > 5  # the parameters did change: three real updates, not three no-ops
+
+
+def test_logged_grad_norm_with_accumulation_is_the_norm_of_the_whole_batch_gradient(corpus, tmp_path):
+    """grad_accum=4 micro-batches of 8 sequences: the logged grad_norm is that of the accumulated gradient
+    (the mean of the 4 micro-batch gradients = the gradient of the batch of 32 at the same parameters),
+    not that of the last micro-batch."""
+    import optax
+
+    from jaxllm.model import lm_loss
+    from jaxllm.train import data as data_lib
+    from jaxllm.train.loop import prepare_run_dir
+
+    cfg = cfg_for(corpus, "train.max_steps=1", "train.warmup_steps=0", "train.log_every=1", "train.batch_size=32",
+                  "train.grad_accum=4")
+    logged = train(cfg, tmp_path, progress=False)["grad_norm"]
+    run_cfg, _, tokens = prepare_run_dir(cfg, tmp_path)  # the same tokens, read back
+    stream = data_lib.train_iterator(data_lib.split(tokens, cfg.train.val_fraction)[0], 32, 8, cfg.train.seed)
+    batch = np.concatenate([next(stream) for _ in range(4)])  # the step's 4 micro-batches, as one batch of 32
+    mesh = make_mesh("data:1", jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        initial = Trainer(run_cfg, mesh)  # the parameters the run started from (the same seed)
+        model, _ = nnx.merge(initial.graphdef, initial.state)
+    norm = lambda rows: float(optax.tree.norm(nnx.grad(lm_loss)(model, rows[:, :-1], rows[:, 1:])))  # noqa: E731
+    np.testing.assert_allclose(logged, norm(batch), rtol=1e-5)
+    assert abs(norm(batch[-8:]) - logged) > 1e-3 * logged  # the last micro-batch's norm alone differs
 
 
 def as_numbers(x) -> np.ndarray:
@@ -124,6 +152,104 @@ def test_checkpoints_keep_the_last_k_plus_the_best_by_validation_loss(tmp_path):
         ckpt.save(step, {"w": np.full(3, step, np.float32)}, iterator, {"step": step}, val_loss)
     ckpt.close()
     assert sorted(Checkpointer(tmp_path, keep=2).all_steps()) == [2, 4, 5]
+
+
+def flat_by_name(tree) -> dict:
+    """{'embed_tokens/weight': array, ...} of an nnx state or of orbax's raw nested dicts alike."""
+    def name(key):
+        return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [name(k) for k in path]
+        out["/".join(names[:-1] if names[-1] == "value" else names)] = as_numbers(x)
+    return out
+
+
+def test_loading_for_inference_restores_the_trained_model_alone(finished_run, monkeypatch):
+    """load_model builds no optimizer, asks orbax for the model's subtree only, and holds about 1x
+    the model's bytes afterwards (the AdamW moments would be 2x more); the weights are the trained ones."""
+    run_dir, _ = finished_run
+    requested = []
+    restore_args = ocp.args.PyTreeRestore
+
+    def spy(*args, **kwargs):
+        requested.append(kwargs["item"])
+        return restore_args(*args, **kwargs)
+
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("loading for inference built an optimizer")
+
+    monkeypatch.setattr(ocp.args, "PyTreeRestore", spy)
+    monkeypatch.setattr(nnx, "Optimizer", no_optimizer)
+    live_bytes = lambda: sum(x.nbytes for x in jax.live_arrays())  # noqa: E731
+    before = live_bytes()
+    model, step = load_model(run_dir)
+    grown = live_bytes() - before
+    monkeypatch.undo()
+
+    assert step == 8 and model.dropout.deterministic  # the latest checkpoint, in eval mode
+    state = nnx.state(model)
+    model_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    assert [list(item) for item in requested] == [[0]]  # of nnx.state((model, optimizer)): the model only
+    assert jax.tree.structure(requested[0][0]) == jax.tree.structure(jax.tree.map(lambda x: 0, state))
+    assert grown <= 1.05 * model_bytes
+    param = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    assert dict(param.sharding.mesh.shape)["data"] == 8  # over the run's train.mesh (data:8), as in training
+    loaded, trained = flat_by_name(state), flat_by_name(read_params(run_dir, 8)["0"])
+    assert loaded.keys() == trained.keys() and len(loaded) > 10
+    for name, value in trained.items():
+        assert np.array_equal(loaded[name], value), name
+
+
+def test_inference_loading_takes_a_mesh_and_falls_back_where_the_run_mesh_does_not_fit(finished_run):
+    model, _ = load_model(finished_run[0], mesh=make_mesh("fsdp:-1"))
+    assert model.embed_tokens.weight[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")  # embed split
+    assert dict(inference_mesh("data:4").shape) == {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}  # 8 devices here
+    assert dict(inference_mesh("data:-1").shape)["data"] == 8
+
+
+def test_a_checkpoint_of_another_optimizer_state_is_a_one_line_error_and_still_loads_for_inference(
+        corpus, tmp_path, monkeypatch):
+    """A checkpoint written without the recorded grad_norm (jaxllm before it; here plain AdamW) cannot
+    be continued: one line, not orbax's tree diff. Its model still loads for inference."""
+    import grain
+    import optax
+
+    from jaxllm.train.loop import prepare_run_dir
+
+    cfg = cfg_for(corpus, "train.max_steps=4")
+    run_cfg, _, _ = prepare_run_dir(cfg, tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr("jaxllm.train.loop.make_optimizer", lambda t: optax.chain(optax.clip_by_global_norm(1.0),
+                                                                                  optax.adamw(1e-3)))
+        mesh = make_mesh(cfg.train.mesh)
+        with jax.set_mesh(mesh):
+            old = Trainer(run_cfg, mesh)
+    checkpointer = Checkpointer(tmp_path / "checkpoints", keep=1)
+    checkpointer.save(2, old.state, iter(grain.MapDataset.range(4).to_iter_dataset()), {"step": 2, "stage": 0})
+    checkpointer.close()
+    with pytest.raises(DataError) as error:
+        train(cfg, tmp_path, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "does not hold this config's model + optimizer state" in message
+    assert "--run-dir" in message
+    model, step = load_model(tmp_path)
+    assert step == 2
+    np.testing.assert_array_equal(np.asarray(model.embed_tokens.weight[...]),
+                                  np.asarray(old.state[0]["embed_tokens"]["weight"][...]))
+
+
+def test_loading_a_run_without_checkpoints_is_a_one_line_error(finished_run, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_bytes((finished_run[0] / "config.yaml").read_bytes())
+    (tmp_path / "run" / "tokenizer.json").write_bytes((finished_run[0] / "tokenizer.json").read_bytes())
+    for make_empty_dir in (False, True):
+        if make_empty_dir:
+            (tmp_path / "run" / "checkpoints").mkdir()
+        code, _, err = cli(["--run-dir", str(tmp_path / "run"), "--sample", "hi"], capsys)
+        assert_one_line_error(code, err, "has no checkpoint")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "config.yaml", "tokenizer.json"]
 
 
 def test_curriculum_moves_to_the_next_stage_when_validation_perplexity_crosses_the_threshold(corpus, tmp_path):
@@ -207,7 +333,8 @@ def test_help_lists_every_option_and_train_field_with_its_default():
 
 
 def test_train_step_applies_the_v3_router_bias_update():
-    from jaxllm.model.moe import MoE
+    from jaxllm.model import lm_loss
+    from jaxllm.model.moe import MoE, pop_expert_load
 
     gamma = 0.01
     cfg = load_config(ROOT / "configs/tiny-gpt.yaml", SMALL + [
@@ -217,12 +344,15 @@ def test_train_step_applies_the_v3_router_bias_update():
     mesh = make_mesh("data:1", jax.devices()[:1])
     with jax.set_mesh(mesh):
         trainer = Trainer(cfg, mesh)
+        probe, _ = nnx.merge(trainer.graphdef, trainer.state)  # the step's forward, at the same parameters
+        lm_loss(probe, batch[:, :-1], batch[:, 1:])
+        loads = {path: np.asarray(v[...], np.float64) for path, v in nnx.to_flat_state(pop_expert_load(probe))}
         trainer.state, _, _ = trainer.train_step(trainer.state, trainer.put(batch))
         model, _ = nnx.merge(trainer.graphdef, trainer.state)
-    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, MoE)]
-    assert layers
-    for moe in layers:
-        load = np.asarray(moe.expert_load[...], np.float64)
+    layers = {path: m for path, m in nnx.iter_graph(model) if isinstance(m, MoE)}
+    assert layers and len(loads) == len(layers)
+    for path, moe in layers.items():
+        load = loads[(*path, "expert_load")]
         assert load.sum() == 8 * 32 * 2  # every token picked 2 experts in the step's forward
         expected = gamma * np.sign(load.mean() - load)  # from a zero bias: overloaded experts go down
         np.testing.assert_allclose(np.asarray(moe.expert_bias[...]), expected, atol=1e-7)
@@ -285,3 +415,18 @@ def test_overrides_may_come_before_and_after_options(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.d_model=-3" in err and "unrecognized" not in err  # both overrides were read; the bad one named
     assert not (tmp_path / "r").exists()
+
+
+def test_a_checkpoint_that_lacks_part_of_the_model_is_a_one_line_error(finished_run, tmp_path):
+    """orbax's partial restore leaves what the checkpoint lacks abstract; load_model names it instead
+    (here a config that gained an LM-head bias the run never trained)."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved["model"]["lm_head_bias"] = True
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(DataError, match=r"lacks the model's lm_head_bias \(1 missing in all\)") as error:
+        load_model(run_dir)
+    assert "\n" not in str(error.value)

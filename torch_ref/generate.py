@@ -12,11 +12,13 @@ Prompts of different lengths are left-padded; each row's positions start at 0.
 Sampling, in Hugging Face's order: repetition penalty, temperature, top-k, top-p, min-p.
 temperature 0 is greedy.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from torch_ref.mla import MultiHeadLatentAttention, apply_rope as mla_rope, rope_amplitude, rope_inv_freq, softmax_scale
-from torch_ref.model import apply_rope, mask_token_id, rope_angles
+from torch_ref.layers import apply_rope, rope_angles
+from torch_ref.model import mask_token_id
 
 
 def position_mask(q_pos, k_pos, window):
@@ -160,13 +162,14 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
              repetition_penalty=1.0, eos_id=None, stop_sequences=(), seed=0, cached=True, on_token=None,
              cache_dtype=torch.float32):
     """New token ids per prompt, up to and including EOS or a stop sequence; never past the context.
+    `on_token(tokens [B], active [B])` is called after every step when given (streaming).
 
     cached=False recomputes the whole sequence each step, one prompt at a time (the reference).
     """
     cfg = model.cfg
     if not cached:
-        return [generate_one_uncached(model, ids, max_new_tokens, temperature, top_k, top_p, min_p,
-                                      repetition_penalty, eos_id, stop_sequences, seed) for ids in prompts]
+        return generate_uncached(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                                 repetition_penalty, eos_id, stop_sequences, seed, on_token)
     B, P = len(prompts), max(len(ids) for ids in prompts)
     max_new = min(max_new_tokens, cfg.max_seq_len - P)
     device = model.embed_tokens.weight.device
@@ -223,20 +226,32 @@ def sample(logits, temperature, generator):
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
-def generate_one_uncached(model, ids, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                          eos_id, stop_sequences, seed):
-    """Full recompute of the whole context for every new token (no cache)."""
-    tokens = torch.tensor([ids])
-    seen = torch.zeros(1, model.cfg.vocab_size, dtype=torch.bool)
-    seen[0, ids] = True
-    generator, out = torch.Generator().manual_seed(seed), []
-    for _ in range(min(max_new_tokens, model.cfg.max_seq_len - len(ids))):
-        logits = never_sampled(model.cfg, model(tokens)[:, -1].float())
-        logits = process_logits(logits, seen, temperature, top_k, top_p, min_p, repetition_penalty)
-        token = sample(logits, temperature, generator)
-        out.append(int(token[0]))
-        seen[0, token] = True
-        tokens = torch.cat([tokens, token[:, None]], dim=1)
-        if out[-1] == eos_id or any(out[-len(s):] == list(s) for s in stop_sequences if s):
-            break
+def generate_uncached(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                      eos_id, stop_sequences, seed, on_token):
+    """Full recompute of each prompt's whole context for every new token (no cache), one prompt at a
+    time; all prompts advance one token per step, so that `on_token` sees each step's tokens."""
+    cfg, device = model.cfg, model.embed_tokens.weight.device
+    contexts = [torch.tensor([ids], device=device) for ids in prompts]
+    seen = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.bool, device=device)
+    for b, ids in enumerate(prompts):
+        seen[b, ids] = True
+    generators = [torch.Generator(device).manual_seed(seed) for _ in prompts]  # each prompt draws on its own
+    limits = [min(max_new_tokens, cfg.max_seq_len - len(ids)) for ids in prompts]
+    out, done = [[] for _ in prompts], [limit <= 0 for limit in limits]
+    while not all(done):
+        active, tokens = [not d for d in done], [0] * len(prompts)
+        for b in range(len(prompts)):
+            if done[b]:
+                continue
+            logits = never_sampled(cfg, model(contexts[b])[:, -1].float())
+            logits = process_logits(logits, seen[b:b + 1], temperature, top_k, top_p, min_p, repetition_penalty)
+            token = sample(logits, temperature, generators[b])
+            tokens[b] = int(token[0])
+            out[b].append(tokens[b])
+            seen[b, token] = True
+            contexts[b] = torch.cat([contexts[b], token[:, None]], dim=1)
+            done[b] = (len(out[b]) == limits[b] or tokens[b] == eos_id
+                       or any(out[b][-len(s):] == list(s) for s in stop_sequences if s))
+        if on_token is not None:
+            on_token(np.array(tokens), active)
     return out

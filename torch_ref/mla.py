@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_ref.model import causal_mask
+from torch_ref.layers import causal_mask
 
 
 def yarn_get_mscale(factor, mscale):
@@ -71,7 +71,7 @@ class MultiHeadLatentAttention(nn.Module):
         d, n, c, cq = cfg.d_model, a.n_head, m.kv_lora_rank, m.q_lora_rank
         nope, r, hv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
         self.mla, self.n_head, self.window, self.dropout = m, n, a.window, a.dropout
-        self.rope_theta = cfg.position.rope_theta
+        self.rope_theta = m.rope_theta
         if m.variant == "seed004":
             self.kv_proj_d = nn.Linear(d, c, bias=a.qkv_bias)
             self.q_proj_d = nn.Linear(d, cq, bias=a.qkv_bias)

@@ -5,97 +5,14 @@ namespace): the YAML presets in configs/, with every derived field filled in. Pa
 the module tree are jaxllm's; only the layout differs: nn.Linear stores [out, in] where jaxllm
 stores [in..., out...] (e.g. q_proj [D, N, H] there, [N*H, D] here).
 """
-from types import SimpleNamespace
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-def namespace(cfg):
-    """A nested dict -> attribute access (cfg.attention.n_head)."""
-    if isinstance(cfg, dict):
-        return SimpleNamespace(**{k: namespace(v) for k, v in cfg.items()})
-    return cfg
-
-
-def make_norm(cfg):
-    if cfg.norm.kind == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm.eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm.eps, bias=cfg.norm.bias)
-
-
-def rope_angles(positions, head_dim, theta):
-    """cos, sin [B, T, H] for Hugging Face's half-split layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x, cos, sin):
-    """x [B, N, T, H]; rotate the pairs (i, i + H/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
-
-
-def causal_mask(t, window=None):
-    """[T, T] booleans: query i sees key j iff 0 <= i - j < window (W keys including itself)."""
-    i = torch.arange(t)[:, None]
-    j = torch.arange(t)[None, :]
-    allowed = j <= i
-    if window is not None:
-        allowed &= i - j < window
-    return allowed
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        a = cfg.attention
-        self.n_head, self.n_kv_head, self.head_dim, self.window = a.n_head, a.n_kv_head, a.head_dim, a.window
-        self.q_proj = nn.Linear(cfg.d_model, a.n_head * a.head_dim, bias=a.qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, a.n_kv_head * a.head_dim, bias=a.qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, a.n_kv_head * a.head_dim, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(a.n_head * a.head_dim, cfg.d_model, bias=a.out_bias)
-        self.dropout = a.dropout
-        self.rope_theta = cfg.position.rope_theta if cfg.position.kind == "rope" else None
-
-    def forward(self, x, positions, mask=None):
-        """mask [B or 1, T, T] (True: may attend) replaces the causal sliding window (TiDAR)."""
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # [B, N, T, H]
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, H]
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.rope_theta is not None:
-            rope = rope_angles(positions, self.head_dim, self.rope_theta)
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        groups = self.n_head // self.n_kv_head  # query head n reads kv head n // groups
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        mask = causal_mask(T, self.window).to(x.device) if mask is None else mask[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        m = cfg.mlp
-        self.kind = m.kind
-        if m.kind == "swiglu":
-            self.gate_proj = nn.Linear(cfg.d_model, m.d_ff, bias=m.bias)
-        self.up_proj = nn.Linear(cfg.d_model, m.d_ff, bias=m.bias)
-        self.down_proj = nn.Linear(m.d_ff, cfg.d_model, bias=m.bias)
-        self.dropout = nn.Dropout(m.dropout)
-
-    def forward(self, x):
-        if self.kind == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        else:
-            h = F.gelu(self.up_proj(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
-        return self.down_proj(self.dropout(h))
+from torch_ref.layers import MLP, Attention, causal_mask, make_norm, namespace
+from torch_ref.mla import MultiHeadLatentAttention
+from torch_ref.moe import MoE
 
 
 def is_moe_layer(cfg, layer):
@@ -105,14 +22,12 @@ def is_moe_layer(cfg, layer):
 
 def make_attention(cfg):
     if cfg.attention.kind == "mla":
-        from torch_ref.mla import MultiHeadLatentAttention  # imported here: it builds on this file
         return MultiHeadLatentAttention(cfg)
     return Attention(cfg)
 
 
 def make_mlp(cfg, layer):
     if is_moe_layer(cfg, layer):
-        from torch_ref.moe import MoE  # imported here: it builds on this file
         return MoE(cfg)
     return MLP(cfg)
 
@@ -126,6 +41,7 @@ class Block(nn.Module):
         self.attn = make_attention(cfg)
         self.mlp_norm = None if cfg.rezero else make_norm(cfg)
         self.mlp = make_mlp(cfg, layer)
+        self.is_moe = is_moe_layer(cfg, layer)
         self.rezero_alpha = nn.Parameter(torch.zeros(())) if cfg.rezero else None
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -135,9 +51,11 @@ class Block(nn.Module):
             f_x = self.rezero_alpha * f_x
         return x + f_x
 
-    def forward(self, x, positions, mask=None):
+    def forward(self, x, positions, mask=None, router_noise=None):
+        """router_noise [B, T, E]: the noisy router's N(0, 1) draw in training, for an MoE layer."""
         x = self.residual(x, self.attn(x if self.attn_norm is None else self.attn_norm(x), positions, mask))
-        return self.residual(x, self.mlp(x if self.mlp_norm is None else self.mlp_norm(x)))
+        h = x if self.mlp_norm is None else self.mlp_norm(x)
+        return self.residual(x, self.mlp(h, router_noise) if self.is_moe else self.mlp(h))
 
 
 class RecursiveBlock(nn.Module):
@@ -171,14 +89,16 @@ class RecursiveBlock(nn.Module):
             state = [self.init_state[i].expand_as(e) for i in range(n_states)]
         else:
             state = [e if r.init == "embedding" else torch.zeros_like(e)] * n_states
-        self.aux_loss = 0.0
+        self.aux_loss, loads = 0.0, {}
 
-        def run(x):  # the core once; its MoE aux losses add up over the loops
+        def run(x):  # the core once; its MoE aux losses and expert loads add up over the loops
             for block in core:
                 x = block(x, positions, mask)
             for m in core.modules():
-                if m is not self and getattr(m, "aux_loss", None) is not None:
+                if getattr(m, "aux_loss", None) is not None:
                     self.aux_loss, m.aux_loss = self.aux_loss + m.aux_loss, None
+                if getattr(m, "expert_load", None) is not None:
+                    loads[m], m.expert_load = loads.get(m, 0) + m.expert_load, None
             return x
 
         def one_loop(state):
@@ -194,6 +114,8 @@ class RecursiveBlock(nn.Module):
                 state = one_loop(state)
         for _ in range(grad_loops):
             state = one_loop(state)
+        for m, load in loads.items():
+            m.expert_load = load  # every loop's tokens, for update_router_bias
         return state[0]
 
 
@@ -237,9 +159,16 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens, positions=None, mask=None):
-        """tokens [B, T] -> logits [B, T, V]; mask [B or 1, T, T] replaces the causal pattern."""
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def forward(self, tokens, positions=None, mask=None, router_noise=None):
+        """tokens [B, T] -> logits [B, T, V]; mask [B or 1, T, T] replaces the causal pattern;
+        router_noise [B, T, E]: in training, the noisy router's draw in every MoE layer (parity
+        tests; not with recursion)."""
         cfg = self.cfg
+        for moe in self.moe_layers():  # what this forward records: a layer LayerDrop skips has none
+            moe.aux_loss = moe.expert_load = None
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.embed_tokens(tokens)
@@ -247,8 +176,9 @@ class Transformer(nn.Module):
             x = x + self.embed_positions(positions)
         x = self.dropout(x)
         if self.recursion is None:
-            x = self.run_layers(self.layers, x, positions, mask)
+            x = self.run_layers(self.layers, x, positions, mask, router_noise)
         else:  # prelude, the looped core, coda
+            assert router_noise is None, "router_noise is not supported with recursion"
             p, c = cfg.recursion.n_prelude, cfg.recursion.n_core
             e = self.run_layers(self.layers[:p], x, positions, mask)
             x = self.recursion(self.layers[p:p + c], e, positions, mask)
@@ -259,14 +189,19 @@ class Transformer(nn.Module):
             logits = logits + self.lm_head_bias
         return logits
 
-    def run_layers(self, layers, x, positions, mask):
-        for block in layers:
-            if self.training and self.cfg.layerdrop > 0 and torch.rand(()) < self.cfg.layerdrop:
+    def layerdrop_keep(self, n):
+        """LayerDrop: which of n layers run in this training forward (each skipped with probability model.layerdrop)."""
+        return (torch.rand(n) >= self.cfg.layerdrop).tolist()
+
+    def run_layers(self, layers, x, positions, mask, router_noise=None):
+        keep = self.layerdrop_keep(len(layers)) if self.training and self.cfg.layerdrop > 0 else [True] * len(layers)
+        for block, kept in zip(layers, keep):
+            if not kept:
                 continue  # LayerDrop: skip the whole layer
             if self.training and self.cfg.remat:
-                x = checkpoint(block, x, positions, mask, use_reentrant=False)
+                x = checkpoint(block, x, positions, mask, router_noise, use_reentrant=False)
             else:
-                x = block(x, positions, mask)
+                x = block(x, positions, mask, router_noise)
         return x
 
     def tidar_forward(self, tokens):
@@ -288,13 +223,14 @@ class Transformer(nn.Module):
         alpha = self.cfg.diffusion.alpha
         return (alpha * ar + diffusion) / (1 + alpha), ar, diffusion
 
-    def loss(self, tokens, targets):
+    def loss(self, tokens, targets, router_noise=None):
         """The training loss (next-token, or TiDAR's when diffusion is on) plus every auxiliary loss
-        the layers recorded in this forward."""
+        the layers recorded in this forward (in training mode only)."""
         if self.cfg.diffusion.enabled:
+            assert router_noise is None, "router_noise is not supported with diffusion"
             loss = self.tidar_losses(tokens, targets)[0]
         else:
-            loss = F.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())
+            loss = F.cross_entropy(self(tokens, router_noise=router_noise).flatten(0, 1), targets.flatten())
         aux = sum(m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None)
         return loss + aux
 

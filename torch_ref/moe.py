@@ -3,19 +3,23 @@
 Routed SwiGLU experts picked per token by a router (softmax | sigmoid with the DeepSeek-V3
 selection bias | Shazeer's noisy top-k), plus shared experts that every token uses (DeepSeek:
 un-gated; Qwen2-MoE: one expert gated by sigmoid(x . w)). The experts run in a loop, one expert at a
-time on the tokens that picked it. Each forward sets `self.aux_loss` (the coefficient-weighted sum
-of the balance, z, importance and load losses, or None) and `self.expert_load` (tokens per expert).
+time on the tokens that picked it. `route` picks the experts; `router_losses` computes the
+auxiliary losses beside it. A training forward sets `self.aux_loss` (the coefficient-weighted sum
+of the balance, z, importance and load losses, or None) and `self.expert_load` (tokens per
+expert); an eval forward sets neither, and `Transformer.forward` clears both first, so a layer
+that LayerDrop skipped has none.
 
-Noise: in training the noisy router draws N(0, 1) noise, unless `self.router_noise` holds a
-[B, T, E] tensor, which is used instead (parity tests feed jaxllm and torch_ref the same draw).
+Noise: in training the noisy router draws N(0, 1) noise, unless the forward is given `noise`
+[B, T, E], which is used instead (parity tests feed jaxllm and torch_ref the same draw).
 """
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_ref.model import MLP, namespace
+from torch_ref.layers import MLP, namespace
 
 
 def cv_squared(v):
@@ -45,7 +49,6 @@ class MoE(nn.Module):
         self.router = nn.Linear(D, E, bias=False)
         if m.router == "noisy":
             self.noise_proj = nn.Linear(D, E, bias=False)
-            self.router_noise = None
         if m.router == "sigmoid":
             self.register_buffer("expert_bias", torch.zeros(E))  # V3: steers the selection only
         self.experts = Experts(E, D, m.moe_intermediate_size, cfg.init_std)
@@ -56,8 +59,7 @@ class MoE(nn.Module):
             self.shared_mlp_gate = nn.Linear(D, 1, bias=False)
         elif m.n_shared_experts:
             self.shared_mlp = MLP(shared_cfg)
-        self.expert_load = torch.zeros(E)
-        self.aux_loss = None
+        self.aux_loss = self.expert_load = None  # this training forward's, for Transformer.loss and update_router_bias
 
     def select(self, scores):
         """Top-k expert indices [X, k] from selection scores [X, E], within the best topk_group groups."""
@@ -73,12 +75,13 @@ class MoE(nn.Module):
             scores = grouped.masked_fill(~mask[..., None], float("-inf")).flatten(1)
         return scores.topk(m.num_experts_per_tok, dim=-1).indices
 
-    def forward(self, x):
+    def route(self, x, noise=None):
+        """x [X, D] -> the picked experts idx [X, k], their weights [X, k], and what the aux losses read:
+        probs [X, E] (the balance loss's P), the logits the router ranks, the clean logits and the noise
+        scale (noisy router in training; else None)."""
         m = self.cfg
-        B, T, D = x.shape
-        E, k = m.n_routed_experts, m.num_experts_per_tok
-        x_flat = x.reshape(B * T, D)
-        logits = self.router(x_flat).float()
+        logits = self.router(x).float()
+        ranked, noise_std = logits, None
         if m.router == "softmax":
             scores = logits.softmax(-1)
             idx = self.select(scores)
@@ -90,39 +93,30 @@ class MoE(nn.Module):
             weights = scores.gather(1, idx)  # the unbiased affinities
             probs = scores / scores.sum(-1, keepdim=True)
         else:  # noisy top-k: H = x W_g + N(0, 1) * softplus(x W_noise), training only
-            noise_std = F.softplus(self.noise_proj(x_flat).float())
-            noise = None
             if self.training:
-                noise = torch.randn_like(logits) if self.router_noise is None else self.router_noise.reshape(B * T, E)
-            scores = logits if noise is None else logits + noise * noise_std
-            idx = self.select(scores)
-            weights = scores.gather(1, idx).softmax(-1)  # Softmax(KeepTopK(H, k))
-            probs = scores.softmax(-1)
-            clean, logits = logits, scores  # the z-loss reads the logits the router ranks
+                noise_std = F.softplus(self.noise_proj(x).float())
+                ranked = logits + (torch.randn_like(logits) if noise is None else noise) * noise_std
+            idx = self.select(ranked)
+            weights = ranked.gather(1, idx).softmax(-1)  # Softmax(KeepTopK(H, k))
+            probs = ranked.softmax(-1)
         if m.router != "noisy" and m.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights * m.routed_scaling_factor
+        return SimpleNamespace(idx=idx, weights=weights, probs=probs, logits=ranked, clean_logits=logits,
+                               noise_std=noise_std)
 
-        gates = torch.zeros_like(probs).scatter(1, idx, weights)  # [X, E], zero for unpicked experts
-        counts = F.one_hot(idx, E).sum((0, 1)).float()  # tokens that picked each expert
-        self.expert_load = counts.detach()
-        losses = []
-        if m.aux_loss_coef:  # E / (k X) * sum_i c_i P_i; exactly 1 under uniform routing
-            losses.append(m.aux_loss_coef * E / (k * B * T) * (counts * probs.mean(0)).sum())
-        if m.z_loss_coef:
-            losses.append(m.z_loss_coef * (torch.logsumexp(logits, -1) ** 2).mean())
-        if m.router == "noisy" and m.importance_loss_coef:
-            losses.append(m.importance_loss_coef * cv_squared(gates.sum(0)))
-        if m.router == "noisy" and m.load_loss_coef:
-            load = counts
-            if noise is not None and k < E:  # smooth load estimate (Shazeer App. A)
-                top = scores.topk(k + 1, dim=-1).values
-                threshold_if_in, threshold_if_out = top[:, k:k + 1], top[:, k - 1:k]
-                prob_if_in = torch.special.ndtr((clean - threshold_if_in) / noise_std)
-                prob_if_out = torch.special.ndtr((clean - threshold_if_out) / noise_std)
-                load = torch.where(scores > threshold_if_in, prob_if_in, prob_if_out).sum(0)
-            losses.append(m.load_loss_coef * cv_squared(load))
-        self.aux_loss = sum(losses) if losses else None
+    def forward(self, x, noise=None):
+        """x [B, T, D]; noise [B, T, E]: the noisy router's N(0, 1) draw in training (default: a random one)."""
+        m = self.cfg
+        B, T, D = x.shape
+        E, k = m.n_routed_experts, m.num_experts_per_tok
+        x_flat = x.reshape(B * T, D)
+        r = self.route(x_flat, None if noise is None else noise.reshape(B * T, E))
+        idx, weights = r.idx, r.weights
+        if self.training:
+            losses = router_losses(m, r)
+            self.aux_loss = sum(losses.values()) if losses else None
+            self.expert_load = F.one_hot(idx, E).sum((0, 1)).float()  # tokens that picked each expert
 
         if m.capacity_factor is not None:  # keep each expert's first C assignments in (token, choice) order
             capacity = math.ceil(B * T * k / E * m.capacity_factor)
@@ -143,11 +137,38 @@ class MoE(nn.Module):
         return out
 
 
+def router_losses(m, r):
+    """The auxiliary losses of one routing, each times its coefficient: {name: loss} for the nonzero coefficients."""
+    X, E = r.probs.shape
+    k = m.num_experts_per_tok
+    counts = F.one_hot(r.idx, E).sum((0, 1)).float()  # tokens that picked each expert
+    losses = {}
+    if m.aux_loss_coef:  # E / (k X) * sum_i c_i P_i; exactly 1 under uniform routing
+        losses["balance_loss"] = m.aux_loss_coef * E / (k * X) * (counts * r.probs.mean(0)).sum()
+    if m.z_loss_coef:
+        losses["z_loss"] = m.z_loss_coef * (torch.logsumexp(r.logits, -1) ** 2).mean()
+    if m.router == "noisy" and m.importance_loss_coef:
+        gates = torch.zeros_like(r.probs).scatter(1, r.idx, r.weights)  # [X, E], zero for unpicked experts
+        losses["importance_loss"] = m.importance_loss_coef * cv_squared(gates.sum(0))
+    if m.router == "noisy" and m.load_loss_coef:
+        load = counts
+        if r.noise_std is not None and k < E:  # smooth load estimate (Shazeer App. A)
+            top = r.logits.topk(k + 1, dim=-1).values
+            threshold_if_in, threshold_if_out = top[:, k:k + 1], top[:, k - 1:k]
+            prob_if_in = torch.special.ndtr((r.clean_logits - threshold_if_in) / r.noise_std)
+            prob_if_out = torch.special.ndtr((r.clean_logits - threshold_if_out) / r.noise_std)
+            load = torch.where(r.logits > threshold_if_in, prob_if_in, prob_if_out).sum(0)
+        losses["load_loss"] = m.load_loss_coef * cv_squared(load)
+    return losses
+
+
 @torch.no_grad()
 def update_router_bias(model):
     """DeepSeek-V3 bias step, after each optimiser step: b_i -= gamma if expert i was overloaded in
-    the last forward (load above the mean), += gamma if underloaded."""
+    the last training forward (load above the mean), += gamma if underloaded; a layer that did not
+    run (LayerDrop) keeps its bias."""
     for module in model.modules():
-        if isinstance(module, MoE) and hasattr(module, "expert_bias") and module.cfg.bias_update_rate > 0:
+        if (isinstance(module, MoE) and hasattr(module, "expert_bias") and module.cfg.bias_update_rate > 0
+                and module.expert_load is not None):
             load = module.expert_load
             module.expert_bias += module.cfg.bias_update_rate * torch.sign(load.mean() - load)

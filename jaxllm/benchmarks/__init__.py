@@ -1,9 +1,10 @@
 """`jaxllm bench <section>` / `python scripts/bench.py <section>`: benchmarks that print a table.
 
-Sections: `train` (jitted train step, jaxllm beside torch_ref on the same config and machine),
-`moe` (grouped vs dense expert dispatch), `recursion` (peak memory of the looped core against
-the loop count, with and without remat) and `decode` (KV-cache generation: jaxllm, torch_ref and
-Hugging Face generate, ms/token and tokens/s). Record results in BENCHMARKS.md with device,
+Sections: `train` (the training loop's own step, `Trainer.train_step`, beside torch_ref on the same
+config and machine), `moe` (grouped vs dense expert dispatch), `recursion` (peak memory of the
+looped core against the loop count, with and without remat) and `decode` (KV-cache generation:
+jaxllm, torch_ref and Hugging Face generate, ms/token and tokens/s). Each takes `--config` and
+key=value overrides, before or after the options. Record results in BENCHMARKS.md with device,
 versions, date and the exact command. Timing lives here, never in a test's assertion.
 
 MFU is `jaxllm.metrics` (DESIGN.md's definition), the same count the training loop logs.

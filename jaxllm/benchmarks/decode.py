@@ -46,7 +46,9 @@ def torch_rows(model, prompts: np.ndarray, new: int, runs: int, dtype):
 
 
 def hf_model(cfg, state_dict: dict, device: str, dtype):
-    """A transformers Llama (or Mistral, with a sliding window) holding the same weights, or the reason why not."""
+    """A transformers Llama (or Mistral, with a sliding window) holding the same weights, or the reason
+    why not. Its config and tensor names are what `save_hf` writes: the llama / mistral specs of
+    `jaxllm.convert.hf`."""
     import torch
 
     a = cfg.attention
@@ -56,28 +58,19 @@ def hf_model(cfg, state_dict: dict, device: str, dtype):
         return None, "not Llama-shaped (biases, MoE or ReZero)"
     import transformers
 
-    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp.d_ff,
-              num_hidden_layers=cfg.n_layer, num_attention_heads=a.n_head, num_key_value_heads=a.n_kv_head,
-              head_dim=a.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm.eps,
-              rope_theta=cfg.position.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False)
-    if a.window is None:
-        hf_cfg, cls = transformers.LlamaConfig(**kw, mlp_bias=False), transformers.LlamaForCausalLM
-    else:
-        hf_cfg, cls = transformers.MistralConfig(**kw, sliding_window=a.window), transformers.MistralForCausalLM
-    names = {"embed_tokens.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
-             "lm_head.weight": "lm_head.weight"}
-    per_layer = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn": "self_attn", "mlp": "mlp"}
-    hf_state = {}
-    for key, value in state_dict.items():
-        if key in names:
-            hf_key = names[key]
-        else:
-            _, i, module, rest = key.split(".", 3)
-            hf_key = f"model.layers.{i}.{per_layer[module]}.{rest}"
-        hf_state[hf_key] = torch.from_numpy(np.array(value))
+    from jaxllm.convert.hf import check_exportable, hf_config, to_hf_tensors
+    from jaxllm.errors import ConversionError
+
+    family = "llama" if a.window is None else "mistral"
+    try:
+        check_exportable(cfg, family)
+    except ConversionError as e:
+        return None, str(e)
+    config = hf_config(cfg, family)
+    model = getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**config))
+    hf_state = {name: torch.from_numpy(value) for name, value in to_hf_tensors(state_dict, family).items()}
     if cfg.tie_embeddings:
         hf_state["lm_head.weight"] = hf_state["model.embed_tokens.weight"]
-    model = cls(hf_cfg)
     model.load_state_dict(hf_state, strict=True)
     return model.to(device=device, dtype=dtype).eval(), None
 
@@ -104,9 +97,9 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="compute dtype (default: the config's)")
     parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes (default: 1,32)")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default: 128)")
-    parser.add_argument("--new", type=int, default=256, help="new tokens per row (default: 256)")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported (default: 3)")
+    for flag, default, what in (("--prompt-tokens", 128, "prompt length"), ("--new", 256, "new tokens per row"),
+                                ("--runs", 3, "timed runs; the median is reported")):
+        parser.add_argument(flag, type=int, default=default, help=f"{what} (default: {default})")
     parser.add_argument("--no-torch", action="store_true", help="skip torch_ref")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     args = parser.parse_intermixed_args(argv)

@@ -1,16 +1,19 @@
 """`bench moe`: step time of the MoE model (jitted forward + backward of the full loss) with the
 grouped (sorted, jax.lax.ragged_dot) dispatch against the dense reference (every expert on every
-token), on the seed-002 shape. On CPU the default is a reduced depth (2 layers) and a small batch
-so that it runs in about a minute; pass --layers/--batch/--seq for the full shape on an accelerator.
+token), on the seed-002 shape. On CPU the default is a reduced depth (model.n_layer=2, before any
+override) and a small batch so that it runs in about a minute; pass model.n_layer=8 --batch N --seq T
+for the full shape on an accelerator.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import time
 from pathlib import Path
 
+from jaxllm.cli import ArgumentParser
+
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "seed002-customllm.yaml"
+CPU_SIZED = ["model.n_layer=2"]  # applied before the command line's overrides
 
 
 def step_time(cfg, batch: int, seq: int, steps: int) -> float:
@@ -40,28 +43,35 @@ def step_time(cfg, batch: int, seq: int, steps: int) -> float:
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bench moe", description=__doc__)
+    parser = ArgumentParser(prog="bench.py moe", description=__doc__)
     parser.add_argument("--config", default=str(CONFIG), help="MoE preset (default: seed002-customllm)")
-    parser.add_argument("--layers", type=int, default=2, help="model.n_layer override (default 2: CPU-sized)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after the compile step")
-    parser.add_argument("--dispatch", default="grouped,dense", help="comma-separated: grouped, dense")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides, e.g. model.n_layer=8 (default: model.n_layer=2)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: 256)")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps after the compile step; the median is reported (default: 5)")
+    parser.add_argument("--dispatch", default="grouped,dense", help="comma-separated: grouped, dense (default: both)")
+    args = parser.parse_intermixed_args(argv)
 
     import jax
 
     from jaxllm.config import load_config
 
+    def config(dispatch: str):
+        return load_config(args.config, [*CPU_SIZED, f"model.max_seq_len={max(args.seq, 1)}",
+                                         f"train.seq_len={args.seq}", *args.overrides, f"model.moe.dispatch={dispatch}"])
+
+    configs = {dispatch: config(dispatch) for dispatch in args.dispatch.split(",")}  # mistakes fail before timing
+    n_layer = next(iter(configs.values())).model.n_layer
     device = jax.devices()[0]
-    print(f"bench moe: {Path(args.config).stem}, n_layer={args.layers}, batch {args.batch} x {args.seq} tokens, "
-          f"float32 params, forward+backward of CE + aux losses, median of {args.steps} steps")
+    print(f"bench moe: {Path(args.config).stem} {' '.join(args.overrides)}, n_layer={n_layer}, batch "
+          f"{args.batch} x {args.seq} tokens, float32 params, forward+backward of CE + aux losses, median of "
+          f"{args.steps} steps")
     print(f"device: {device.platform} ({device.device_kind}), jax {jax.__version__}, "
           f"{datetime.date.today().isoformat()}")
     print(f"{'dispatch':10s} {'experts':>8s} {'top-k':>6s} {'ms/step':>10s} {'tokens/s':>10s}")
-    for dispatch in args.dispatch.split(","):
-        cfg = load_config(args.config, [f"model.n_layer={args.layers}", f"model.moe.dispatch={dispatch}",
-                                        f"model.max_seq_len={max(args.seq, 1)}", f"train.seq_len={args.seq}"])
+    for dispatch, cfg in configs.items():
         seconds = step_time(cfg, args.batch, args.seq, args.steps)
         moe = cfg.model.moe
         print(f"{dispatch:10s} {moe.n_routed_experts:8d} {moe.num_experts_per_tok:6d} {seconds * 1e3:10.1f} "

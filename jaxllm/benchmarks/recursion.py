@@ -9,9 +9,10 @@ beyond n_grad_loops run without gradient and keep nothing: the `k=2` column is f
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 from pathlib import Path
+
+from jaxllm.cli import ArgumentParser
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-recursive.yaml"
 
@@ -35,26 +36,35 @@ def step_temp_bytes(model_cfg, batch: int, seq: int) -> int:
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bench recursion", description=__doc__)
-    parser.add_argument("--config", default=str(CONFIG), help="a preset with model.recursion on (default: tiny-recursive)")
-    parser.add_argument("--loops", default="2,8,32", help="comma-separated loop counts r")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    args = parser.parse_args(argv)
+    parser = ArgumentParser(prog="bench.py recursion", description=__doc__)
+    parser.add_argument("--config", default=str(CONFIG),
+                        help="a preset with model.recursion on (default: tiny-recursive)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.d_model=256 (default: none)")
+    parser.add_argument("--loops", default="2,8,32", help="comma-separated loop counts r (default: 2,8,32)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: 256)")
+    args = parser.parse_intermixed_args(argv)
 
     import jax
 
     from jaxllm.config import load_config
     from jaxllm.errors import ConfigError
 
-    loops = [int(r) for r in args.loops.split(",")]
-    base = load_config(args.config, [f"model.max_seq_len={max(args.seq, 1)}", "model.recursion.random_loops=false"])
+    def config(*column: str):
+        return load_config(args.config, [f"model.max_seq_len={max(args.seq, 1)}", f"train.seq_len={args.seq}",
+                                         "model.recursion.random_loops=false", *args.overrides, *column])
+
+    try:
+        loops = [int(r) for r in args.loops.split(",")]
+    except ValueError:
+        raise ConfigError(f"--loops {args.loops!r}: expected comma-separated integers, e.g. 2,8,32") from None
+    base = config()
     if base.model.recursion.mode == "none":
         raise ConfigError(f"bench recursion: {args.config} has model.recursion.mode='none'; pick a recursive preset")
     device = jax.devices()[0]
     r = base.model.recursion
-    print(f"bench recursion: {Path(args.config).stem} ({r.mode}, prelude {r.n_prelude}, core {r.n_core}, "
-          f"coda {base.model.n_layer - r.n_prelude - r.n_core} layers, width {base.model.d_model}), "
+    print(f"bench recursion: {Path(args.config).stem} {' '.join(args.overrides)} ({r.mode}, prelude {r.n_prelude}, "
+          f"core {r.n_core}, coda {base.model.n_layer - r.n_prelude - r.n_core} layers, width {base.model.d_model}), "
           f"batch {args.batch} x {args.seq}, float32; peak temporary bytes of the compiled train step")
     print(f"device: {device.platform} ({device.device_kind}), jax {jax.__version__}, {datetime.date.today().isoformat()}")
     columns = [("no remat, grad all", False, None), ("remat, grad all", True, None), ("remat, grad k=2", True, 2)]
@@ -62,9 +72,8 @@ def run(argv: list[str]) -> int:
     for n_loops in loops:
         row = []
         for _, remat, k in columns:
-            cfg = load_config(args.config, [f"model.max_seq_len={max(args.seq, 1)}", "model.recursion.random_loops=false",
-                                            f"model.remat={str(remat).lower()}", f"model.recursion.n_loops={n_loops}",
-                                            f"model.recursion.n_grad_loops={'null' if k is None else min(k, n_loops)}"])
+            cfg = config(f"model.remat={str(remat).lower()}", f"model.recursion.n_loops={n_loops}",
+                         f"model.recursion.n_grad_loops={'null' if k is None else min(k, n_loops)}")
             row.append(step_temp_bytes(cfg.model, args.batch, args.seq))
         print(f"{n_loops:4d} " + " ".join(f"{b / 2**20:17.1f} MiB" for b in row), flush=True)
     return 0

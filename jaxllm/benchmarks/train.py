@@ -1,5 +1,10 @@
-"""Train-step benchmark: jaxllm (jax.jit, AdamW, donated state) beside torch_ref (eager, and
-torch.compile with --compile) on the same config, batch and machine."""
+"""Train-step benchmark: jaxllm's real training step (`Trainer.train_step`: the config's optimizer
+from make_optimizer with clipping and its schedule, the router-bias update, the state sharded over
+train.mesh and donated) beside torch_ref (eager, and torch.compile with --compile; AdamW with the
+config's lr, betas, weight decay on every parameter, and clipping) on the same config, batch and
+machine. Each timed step is one call of the step on --batch sequences (with train.grad_accum > 1,
+one micro-batch of MultiSteps). MFU divides by the peak of every device of the mesh.
+"""
 from __future__ import annotations
 
 import platform
@@ -22,31 +27,12 @@ def _time(step, n_warmup: int, n_steps: int, sync) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def jax_step_time(cfg, tokens, n_warmup: int, n_steps: int) -> float:
-    import jax
-    import optax
-    from flax import nnx
-
-    from jaxllm.model import Transformer, lm_loss
-
-    model = Transformer(cfg.model, rngs=nnx.Rngs(0))
-    model.train()  # dropout / LayerDrop as configured, like torch_ref's .train()
-    optimizer = nnx.Optimizer(model, optax.adamw(3e-4, weight_decay=0.1), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
-
-    @jax.jit
-    def train_step(state, tokens):
-        model, optimizer = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(lm_loss)(model, tokens[:, :-1], tokens[:, 1:])
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
-
-    train_step = jax.jit(train_step, donate_argnums=0)
-    tokens = jax.numpy.asarray(tokens)
-    box = [state]
+def jax_step_time(trainer, tokens: np.ndarray, n_warmup: int, n_steps: int) -> float:
+    """Median seconds of the training loop's own jitted step on one batch, fed again each step."""
+    batch = trainer.put(tokens)
 
     def step():
-        box[0], loss = train_step(box[0], tokens)
+        trainer.state, loss, _ = trainer.train_step(trainer.state, batch)
         return loss
 
     return _time(step, n_warmup, n_steps, lambda loss: loss.block_until_ready())
@@ -59,8 +45,9 @@ def torch_step_time(cfg, tokens, n_warmup: int, n_steps: int, compile_: bool) ->
     from torch_ref.model import Transformer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = cfg.train
     model = Transformer(to_dict(cfg.model)).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
     tokens = torch.from_numpy(tokens).long().to(device)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype)
     loss_fn = torch.compile(model.loss) if compile_ else model.loss
@@ -69,6 +56,8 @@ def torch_step_time(cfg, tokens, n_warmup: int, n_steps: int, compile_: bool) ->
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
             loss = loss_fn(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -91,19 +80,33 @@ def run(argv: list[str]) -> int:
 
     import jax
 
-    from jaxllm.metrics import flops_per_token, peak_flops
     from jaxllm.config import load_config
+    from jaxllm.errors import ConfigError
+    from jaxllm.metrics import flops_per_token, peak_flops
+    from jaxllm.sharding import batch_divisor, make_mesh
+    from jaxllm.train.loop import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    if args.seq > cfg.model.max_seq_len:
+        raise ConfigError(f"--seq {args.seq} is longer than model.max_seq_len ({cfg.model.max_seq_len})")
+    mesh = make_mesh(cfg.train.mesh)
+    if args.batch % batch_divisor(mesh):
+        raise ConfigError(f"--batch {args.batch} must divide by the data x fsdp size ({batch_divisor(mesh)}) of "
+                          f"train.mesh={cfg.train.mesh!r}; change --batch or train.mesh")
     tokens_per_step = args.batch * args.seq
     device = jax.devices()[0]
     peak = peak_flops(device)
     flops = flops_per_token(cfg.model, args.seq)
-    print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}")
-    print(f"config: {args.config} {' '.join(args.overrides)}; batch {args.batch} x seq {args.seq}; "
-          f"{flops / 6e6:.2f}M active params-equivalent; MFU peak {'%.0f TFLOP/s' % (peak / 1e12) if peak else 'n/a (CPU)'}")
+    print(f"device: {mesh.size} x {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+          f"python {platform.python_version()}")
+    print(f"config: {args.config} {' '.join(args.overrides)}; batch {args.batch} x seq {args.seq}; mesh "
+          f"{dict(mesh.shape)}; {flops / 6e6:.2f}M active params-equivalent; MFU peak "
+          f"{'%.0f TFLOP/s per device' % (peak / 1e12) if peak else 'n/a (CPU)'}")
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
-    rows = [("jaxllm (jax.jit)", jax_step_time(cfg, tokens, args.warmup, args.steps))]  # the same batch for all
+    with jax.set_mesh(mesh):
+        trainer = Trainer(cfg, mesh)
+        rows = [(f"jaxllm (Trainer, {cfg.train.optimizer})", jax_step_time(trainer, tokens, args.warmup, args.steps))]
+    del trainer  # its state's memory, before torch allocates its own
     if not args.no_torch:
         import torch
 
@@ -114,6 +117,6 @@ def run(argv: list[str]) -> int:
     print(f"{'implementation':36s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>7s}")
     for name, seconds in rows:
         tps = tokens_per_step / seconds
-        mfu = f"{100 * flops * tps / peak:6.1f}%" if peak else "    n/a"
+        mfu = f"{100 * flops * tps / (peak * mesh.size):6.1f}%" if peak else "    n/a"
         print(f"{name:36s} {1000 * seconds:9.2f} {tps:11,.0f} {mfu}")
     return 0

@@ -83,9 +83,9 @@ def read_source(src: Path, config: str | None):
         if (src / "config.json").is_file():
             return load_hf(src)[0], src
         if (src / "config.yaml").is_file() and (src / "checkpoints").is_dir():
-            from jaxllm.train.loop import model_from_run
+            from jaxllm.checkpoint import load_model
 
-            return model_from_run(src)[0], src
+            return load_model(src)[0], src  # the parameters only, no optimizer state
         if (src / "config.yaml").is_file() and (src / "model.safetensors").is_file():
             from jaxllm.config import load_config
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxllm.convert.hf import check_exportable, infer_family, to_hf_tensors
+from jaxllm.convert.hf import check_exportable, infer_family, model_from_hf_tensors, to_hf_tensors
 from jaxllm.errors import ConversionError
 from jaxllm.files import atomic_path
 
@@ -165,14 +165,10 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def load_gguf(path: str | Path, seed: int = 0):
-    """A jaxllm Transformer from a llama-architecture GGUF file in F32 or F16 (Llama or Mixtral shaped)."""
-    from flax import nnx
-
+    """A jaxllm Transformer from a llama-architecture GGUF file in F32 or F16 (Llama or Mixtral shaped),
+    built abstractly and filled with the file's tensors (no random init drawn); `seed` seeds its RNG streams."""
     from jaxllm.config import config_from_dict
     from jaxllm.errors import ConfigError
-    from jaxllm.convert.hf import from_hf_tensors
-    from jaxllm.convert.state_dict import _params, from_state_dict, torch_shape
-    from jaxllm.model import Transformer
 
     metadata, tensors = read_gguf(path)
     arch = metadata.get("general.architecture")
@@ -220,10 +216,5 @@ def load_gguf(path: str | Path, seed: int = 0):
         elif name.endswith("attn_k.weight"):
             value = unpermute(value, n_kv)
         hf_tensors[hf_name] = value
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
-    expected = {key: torch_shape(key, var.shape) for key, var in _params(abstract).items()}
-    state_dict = from_hf_tensors(hf_tensors, expected, family)
-    result = Transformer(cfg, rngs=nnx.Rngs(seed))
-    from_state_dict(result, state_dict)
-    return result
+    return model_from_hf_tensors(hf_tensors, cfg, family, seed)
 

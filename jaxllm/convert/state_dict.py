@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -99,9 +100,8 @@ def _as_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def from_state_dict(model, state_dict: Mapping[str, object]) -> None:
-    """Load a torch_ref state_dict into `model` in place; every key must match in name and shape."""
-    params = _params(model)
+def _checked_values(params: dict[str, nnx.Variable], state_dict: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """The values of `state_dict` in jaxllm layout, by key; every key must match `params` in name and shape."""
     missing = [key for key in params if key not in state_dict]
     if missing:
         raise ConversionError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
@@ -116,21 +116,57 @@ def from_state_dict(model, state_dict: Mapping[str, object]) -> None:
         if tuple(t.shape) != expected:
             raise ConversionError(f"tensor {key!r} has shape {tuple(t.shape)}, expected {expected}")
         values[key] = from_torch_layout(key, t, var.shape)
+    return values
+
+
+def from_state_dict(model, state_dict: Mapping[str, object]) -> None:
+    """Load a torch_ref state_dict into `model` in place; every key must match in name and shape."""
+    params = _params(model)
+    values = _checked_values(params, state_dict)  # all checked before anything is written
     for key, var in params.items():
         var[...] = jnp.asarray(values[key], dtype=var.dtype)
 
 
-def model_from_state_dict(state_dict: Mapping[str, object], model_cfg):
-    """A jaxllm model of `model_cfg` holding `state_dict` (built abstractly, so no random init is
-    drawn and thrown away)."""
-    import jax
-
+def abstract_model(model_cfg, seed: int = 0):
+    """The jaxllm Transformer of `model_cfg` built by `nnx.eval_shape`: every variable is a
+    ShapeDtypeStruct and no random number is drawn."""
     from jaxllm.model import Transformer
 
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
-    model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
-    from_state_dict(model, state_dict)
-    return model
+    return nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
+
+
+def state_dict_shapes(model) -> dict[str, tuple[int, ...]]:
+    """The torch_ref state_dict keys and shapes of `model` (concrete or `abstract_model`)."""
+    return {key: torch_shape(key, var.shape) for key, var in _params(model).items()}
+
+
+def materialize(abstract, state_dict: Mapping[str, object], seed: int = 0):
+    """A concrete model from `abstract_model(...)`: its parameters and buffers from `state_dict`
+    (checked as `from_state_dict` does), each RNG stream its own key derived from `seed` with
+    count 0, every other variable (running statistics such as ExpertLoad) zero, as a fresh init
+    sets it. The variables of `abstract` are filled in place."""
+    values = _checked_values(_params(abstract), state_dict)
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    root = jax.random.key(seed)
+    for i, (path, var) in enumerate(flat):
+        key = ".".join(str(p) for p in path)
+        if key in values:
+            value = jnp.asarray(values[key], dtype=var.dtype)
+        elif isinstance(var, nnx.RngKey):
+            value = jax.random.fold_in(root, i)
+            value = jax.random.split(value, var.shape) if var.shape else value
+        else:
+            value = jnp.zeros(var.shape, var.dtype)
+        var.set_value(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def model_from_state_dict(state_dict: Mapping[str, object], model_cfg, seed: int = 0):
+    """A jaxllm model of `model_cfg` holding `state_dict`, built abstractly (`abstract_model` +
+    `materialize`): no random init is drawn and thrown away. `seed` seeds its RNG streams
+    (dropout, LayerDrop, the noisy router, random loop counts)."""
+    return materialize(abstract_model(model_cfg, seed), state_dict, seed)
 
 
 def save_safetensors(path: str | Path, model, config: Mapping | None = None) -> None:

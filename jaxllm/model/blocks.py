@@ -9,7 +9,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.model.attention import Attention
 from jaxllm.model.mla import MultiHeadLatentAttention
 from jaxllm.model.mlp import MLP
-from jaxllm.model.moe import MoE
+from jaxllm.model.moe import MoE, init_expert_loads
 from jaxllm.model.norms import make_norm
 from jaxllm.model.params import Buffer, Einsum, dtypes, param, pop_aux_losses
 
@@ -52,11 +52,13 @@ class Block(nnx.Module):
             f_x = self.rezero_alpha[...].astype(f_x.dtype) * f_x
         return x + f_x
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
+                 router_noise: jax.Array | None = None) -> jax.Array:
+        """router_noise [B, T, E]: the noisy router's eps in training, for an MoE layer (see MoE)."""
         h = x if self.attn_norm is None else self.attn_norm(x)
         x = self._residual(x, self.attn(h, positions, mask))
         h = x if self.mlp_norm is None else self.mlp_norm(x)
-        return self._residual(x, self.mlp(h))
+        return self._residual(x, self.mlp(h, router_noise) if isinstance(self.mlp, MoE) else self.mlp(h))
 
     def cached(self, x: jax.Array, positions: jax.Array, cache, step: jax.Array, mask: jax.Array,
                prefill: bool):
@@ -172,23 +174,28 @@ class RecursiveBlock(nnx.Module):
             # Loops without gradient: parameters, inputs and state all stop-gradient (so a traced
             # trip count, a while loop, is fine under jax.grad).
             looped, aux = _fori_core(modules, 0, no_grad * per_loop, jax.lax.stop_gradient(state),
-                                     jax.lax.stop_gradient(e), aux, positions, mask, grad=False, remat=False)
+                                     jax.lax.stop_gradient(e), aux, positions, mask, grad=False, remat=False,
+                                     training=not self.deterministic)
             # A drawn count may be 0: then the initial state keeps its gradient path.
             state = looped if isinstance(no_grad, int) else jax.tree.map(
                 lambda a, b: jnp.where(no_grad > 0, a, b), looped, state)
         first = no_grad * per_loop
         active_from = None if with_grad is None else (self.n_grad_loops - with_grad) * per_loop
-        state, aux = _fori_core(modules, first, self.n_grad_loops * per_loop, state, e, aux,
-                                positions, mask, grad=True, remat=self.remat, active_from=active_from)
+        state, aux = _fori_core(modules, first, self.n_grad_loops * per_loop, state, e, aux, positions, mask,
+                                grad=True, remat=self.remat, active_from=active_from, training=not self.deterministic)
         return state[0], aux
 
 
 def _fori_core(modules: nnx.List, first, n_steps, state, e, aux, positions, mask, *, grad: bool, remat: bool,
-               active_from=None):
+               active_from=None, training: bool = True):
     """n_steps core calls (`modules` = core layers + the RecursiveBlock), step numbers counted
     from `first`; as a functional loop over the modules' split state so that RNG counters and
-    MoE expert loads carry from step to step and aux losses add up. With `active_from`, the first
-    `active_from` steps of this loop are skipped (a drawn loop count below n_grad_loops)."""
+    MoE expert loads (made before the loop, so every step leaves the same state) carry from step
+    to step, and aux losses, popped at each step, add up. With `active_from`, the first
+    `active_from` steps of this loop are skipped (a drawn loop count below n_grad_loops). In eval
+    mode no step draws or records anything, so the modules are left untouched (an eval forward
+    mutates nothing, also inside a caller's loop, as decoding)."""
+    init_expert_loads(modules)
     graphdef, params, rest = nnx.split(modules, nnx.Param, ...)
     if not grad:
         params = jax.lax.stop_gradient(params)
@@ -214,5 +221,6 @@ def _fori_core(modules: nnx.List, first, n_steps, state, e, aux, positions, mask
         return new_state, new_rest, aux + step_aux
 
     state, rest, aux = jax.lax.fori_loop(0, n_steps, body, (state, rest, aux))
-    nnx.update(modules, rest)
+    if training:
+        nnx.update(modules, rest)
     return state, aux

@@ -19,12 +19,16 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
-def lm_loss(model: Transformer, tokens: jax.Array, targets: jax.Array) -> jax.Array:
+def lm_loss(model: Transformer, tokens: jax.Array, targets: jax.Array,
+            router_noise: jax.Array | None = None) -> jax.Array:
     """The training loss: next-token cross-entropy, or TiDAR's (alpha * AR + diffusion) / (1 + alpha)
-    when model.diffusion is on, plus every auxiliary loss (MoE balance, z-loss...) of the forward."""
+    when model.diffusion is on, plus every auxiliary loss (MoE balance, z-loss...) of the forward
+    (recorded in training mode only). `router_noise`: see `Transformer` (not with diffusion)."""
     if model.cfg.diffusion.enabled:
+        if router_noise is not None:
+            raise ValueError("router_noise is not supported with model.diffusion")
         return tidar_losses(model, tokens, targets)[0] + pop_aux_losses(model)
-    logits = model(tokens)
+    logits = model(tokens, router_noise=router_noise)
     return cross_entropy(logits, targets) + pop_aux_losses(model)
 
 

@@ -18,9 +18,10 @@ Seed 004 (`variant: seed004`, the seed's names): per-head rope queries and keys,
 q = [q_proj_u(c_q) | rope(rope_q(c_q))] with c_q = q_proj_d(x) (no latent norms),
 k = [k_proj_u(c_kv) | rope(rope_k(x))], v = v_proj_u(c_kv) with c_kv = kv_proj_d(x).
 
-Softmax scale 1/sqrt(nope + R), times mscale^2 under YaRN. MLA always rotates its rope dims
-(with `position.rope_theta`), whatever `position.kind` says; learned positions, if set, are added
-to the embeddings as well (seed 004 does both).
+Softmax scale 1/sqrt(nope + R), times mscale^2 under YaRN. MLA always rotates its rope dims, with
+`mla.rope_theta` (the config resolves it from `position.rope_theta` for rope models), whatever
+`position.kind` says; learned positions, if set, are added to the embeddings as well (seed 004
+does both).
 
 The forward is split where a decode cache will sit: `latents` gives what is cached per token
 (the normalised c_kv and the rotated k_rope, (C + K*R) numbers), `attend_latents` expands them to
@@ -123,7 +124,7 @@ class MultiHeadLatentAttention(nnx.Module):
             self.kv_b_proj = Einsum((c,), (n, nope + hv), ("latent",), heads, bias=False, **kw)
         self.o_proj = Einsum((n, hv), (d,), heads, ("embed",), bias=a.out_bias, **kw)
         self.dropout = nnx.Dropout(a.dropout, deterministic=True, rngs=rngs)
-        self.mla, self.window, self.rope_theta = m, a.window, cfg.position.rope_theta
+        self.mla, self.window, self.rope_theta = m, a.window, m.rope_theta
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         q = self.queries(x, positions)

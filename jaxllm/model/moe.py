@@ -10,15 +10,18 @@ Routers (all in float32; `logits = x W_router`, [X, E]):
   the picked experts, renormalised to sum 1 iff norm_topk_prob, times routed_scaling_factor.
 - sigmoid (DeepSeek-V3): s = sigmoid(logits); pick top-k of s + expert_bias (the bias steers the
   selection only); weights = the unbiased s of the picked experts, renormalised iff
-  norm_topk_prob, times routed_scaling_factor. `update_router_bias(model)` moves the bias.
+  norm_topk_prob, times routed_scaling_factor. `update_router_bias` moves the bias.
 - noisy (Shazeer 2017): h = logits + eps * softplus(x W_noise), eps ~ N(0, 1) in training only
   (eval: h = logits); weights = softmax over the top-k h (= Softmax(KeepTopK(h, k))), times
-  routed_scaling_factor. W_router and W_noise start at 0.
+  routed_scaling_factor. W_router and W_noise start at 0. The forward's optional `router_noise`
+  [B, T, E] replaces the random eps (parity tests feed two implementations the same draw).
 Group-limited selection (n_group > 1): experts form n_group consecutive groups; a group scores the
 max of its selection scores (softmax, noisy) or the sum of its top 2 (sigmoid, V3); only the best
 topk_group groups may be picked.
 
-Auxiliary losses, each times its coefficient, recorded with `self.sow(AuxLoss, name, value)`:
+`MoE.route` only chooses the experts (a `Routing`); `router_losses(cfg, routing)` computes the
+auxiliary losses beside it, each times its coefficient. A training forward records them with
+`self.sow(AuxLoss, name, value)`; an eval forward records nothing (it mutates nothing):
 - balance_loss = E / (k X) * sum_i c_i P_i, with c_i the number of tokens that pick expert i and
   P_i = mean over tokens of p_i, the router's probability for i (softmax: s; sigmoid: s / sum_j s_j,
   as V3; noisy: softmax(h)). This is DeepSeek's alpha * sum f_i P_i with f_i = E c_i / (k X), i.e.
@@ -38,30 +41,39 @@ at most C = ceil(X * k / E * capacity_factor) assignments, the first ones in tok
 batch flattened row-major: sequence, then position); the rest are dropped: the token loses that
 expert's contribution (it keeps its other experts, the shared experts and the residual).
 
-`expert_load` holds the number of tokens that picked each expert in the last forward (before any
-capacity drop); the training loop calls `update_router_bias(model)` after each optimiser step.
+Expert load (V3 bias): in training, a layer whose bias is balanced (sigmoid router,
+bias_update_rate > 0) also sows `ExpertLoad`, the tokens that picked each expert (before any
+capacity drop), summed over its calls until popped. The train step pops them after the optimiser
+step and moves the bias: `update_router_bias(model, pop_expert_load(model))`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, MoEConfig
 from jaxllm.model.mlp import MLP
 from jaxllm.model.params import AuxLoss, Buffer, Einsum, dtypes, param
 
 
-class ExpertLoad(nnx.Variable):
-    """Tokens that picked each expert in the last forward [E]; read by `update_router_bias`."""
+class ExpertLoad(nnx.Intermediate):
+    """Tokens that picked each expert [E] (before capacity drops), summed over a layer's training
+    forwards since the last `pop_expert_load`: what `update_router_bias` balances."""
 
 
-class RouterNoise(nnx.Variable):
-    """An N(0, 1) draw [B, T, E] that replaces the noisy router's random noise in training, so that
-    two implementations can be fed the same noise (parity tests). Set `moe.router_noise = RouterNoise(eps)`."""
+class Routing(NamedTuple):
+    """The experts X tokens picked, and what the auxiliary losses read."""
+    idx: jax.Array  # [X, A] the picked experts
+    weights: jax.Array  # [X, A] float32 their weights (times routed_scaling_factor; before capacity drops)
+    probs: jax.Array  # [X, E] the router's probability of each expert (the balance loss's P)
+    logits: jax.Array  # [X, E] the logits the router ranks (noisy: h, with the noise)
+    clean_logits: jax.Array  # [X, E] x W_router
+    noise_std: jax.Array | None  # [X, E] softplus(x W_noise) where noise was added (noisy, training), else None
 
 
 class RoutedExperts(nnx.Module):
@@ -107,7 +119,6 @@ class MoE(nnx.Module):
         self.noise_proj = (Einsum((d,), (e,), ("embed",), ("experts",), std=0.0, **router_kw)
                            if m.router == "noisy" else None)
         self.expert_bias = Buffer(jnp.zeros((e,), jnp.float32), axes=("experts",)) if m.router == "sigmoid" else None
-        self.expert_load = ExpertLoad(jnp.zeros((e,), jnp.float32))
         self.experts = RoutedExperts(e, d, m.moe_intermediate_size, std=cfg.init_std, dtype=self.dtype,
                                      param_dtype=param_dtype, rngs=rngs)
         # Shared experts: n_shared_experts SwiGLU experts merged into one MLP of n times the width.
@@ -117,19 +128,26 @@ class MoE(nnx.Module):
         self.gated_shared_mlp = MLP(shared_cfg, rngs=rngs) if m.n_shared_experts and m.shared_expert_gate else None
         self.shared_mlp_gate = (Einsum((d,), (), ("embed",), (), bias=False, std=cfg.init_std, dtype=self.dtype,
                                           param_dtype=param_dtype, rngs=rngs) if self.gated_shared_mlp else None)
-        # Noise (noisy router): off until model.train(), like nnx.Dropout; drawn from the dropout stream.
+        # Training mode (model.train(), like nnx.Dropout): router noise on (drawn from the dropout
+        # stream), aux losses and expert loads recorded. Eval mode records nothing.
         self.deterministic = True
         self.rngs = rngs["dropout"].fork() if m.router == "noisy" else None
-        self.router_noise: RouterNoise | None = nnx.data(None)
+
+    @property
+    def balances_by_bias(self) -> bool:
+        """DeepSeek-V3: the selection bias moves by `update_router_bias` (sigmoid router, gamma > 0)."""
+        return self.expert_bias is not None and self.moe.bias_update_rate > 0
+
+    @property
+    def records_load(self) -> bool:
+        """Whether a forward now sows this layer's ExpertLoad: in training, where the bias uses it."""
+        return not self.deterministic and self.balances_by_bias
+
+    def record_load(self, counts: jax.Array) -> None:
+        """Adds counts [E] to this layer's ExpertLoad (made on first use)."""
+        self.sow(ExpertLoad, "expert_load", counts, init_fn=lambda: 0.0, reduce_fn=jnp.add)
 
     # -- routing ---------------------------------------------------------------------------------
-
-    def _noise(self, shape: tuple[int, int]) -> jax.Array | None:
-        if self.moe.router != "noisy" or self.deterministic:
-            return None
-        if self.router_noise is not None:
-            return self.router_noise[...].reshape(shape).astype(jnp.float32)
-        return jax.random.normal(self.rngs(), shape, jnp.float32)
 
     def _limit_groups(self, sel: jax.Array) -> jax.Array:
         """Selection scores [X, E] with the experts outside each token's best topk_group groups at -inf."""
@@ -145,23 +163,28 @@ class MoE(nnx.Module):
         keep = jax.nn.one_hot(best, m.n_group, dtype=jnp.bool_).any(-2)  # [X, Q]
         return jnp.where(keep[..., None], grouped, -jnp.inf).reshape(sel.shape)
 
-    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [X, D] -> (expert indices [X, A], weights [X, A] float32); records the aux losses and the load."""
+    def route(self, x: jax.Array, noise: jax.Array | None = None) -> Routing:
+        """x [X, D] -> the experts each token picks and their weights. `noise` [X, E]: the noisy
+        router's eps in training (None: drawn from the dropout stream); eval mode adds none."""
         m = self.moe
-        n_tokens, k, e = x.shape[0], m.num_experts_per_tok, m.n_routed_experts
+        k = m.num_experts_per_tok
         logits = self.router("XD,DE->XE", x)  # float32
-        noise = self._noise(logits.shape)
+        ranked, noise_std = logits, None
         if m.router == "softmax":
             scores = jax.nn.softmax(logits, axis=-1)
-            sel, probs, z_logits = scores, scores, logits
+            sel, probs = scores, scores
         elif m.router == "sigmoid":
             scores = jax.nn.sigmoid(logits)
             sel = scores + self.expert_bias[...]
-            probs, z_logits = scores / scores.sum(-1, keepdims=True), logits
+            probs = scores / scores.sum(-1, keepdims=True)
         else:
-            noise_std = jax.nn.softplus(self.noise_proj("XD,DE->XE", x))
-            scores = logits if noise is None else logits + noise * noise_std
-            sel, probs, z_logits = scores, jax.nn.softmax(scores, axis=-1), scores
+            if not self.deterministic:
+                noise_std = jax.nn.softplus(self.noise_proj("XD,DE->XE", x))
+                if noise is None:
+                    noise = jax.random.normal(self.rngs(), logits.shape, jnp.float32)
+                ranked = logits + noise.astype(jnp.float32) * noise_std
+            scores = sel = ranked
+            probs = jax.nn.softmax(ranked, axis=-1)
         _, idx = jax.lax.top_k(self._limit_groups(sel), k)  # [X, A]
         weights = jnp.take_along_axis(scores, idx, axis=-1)
         if m.router == "noisy":
@@ -169,22 +192,7 @@ class MoE(nnx.Module):
         elif m.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdims=True)
         weights = weights * m.routed_scaling_factor
-
-        picked = jax.nn.one_hot(idx, e, dtype=jnp.float32)  # [X, A, E]
-        counts = picked.sum((0, 1))  # [E] tokens that picked each expert
-        self.expert_load[...] = counts
-        if m.aux_loss_coef:
-            balance = e / (k * n_tokens) * jnp.sum(counts * probs.mean(0))
-            self.sow(AuxLoss, "balance_loss", m.aux_loss_coef * balance)
-        if m.z_loss_coef:
-            self.sow(AuxLoss, "z_loss", m.z_loss_coef * jnp.mean(jax.nn.logsumexp(z_logits, axis=-1) ** 2))
-        if m.router == "noisy" and m.importance_loss_coef:
-            importance = jnp.einsum("XAE,XA->E", picked, weights)
-            self.sow(AuxLoss, "importance_loss", m.importance_loss_coef * cv_squared(importance))
-        if m.router == "noisy" and m.load_loss_coef:
-            load = counts if noise is None or k == e else smooth_load(logits, scores, noise_std, k)
-            self.sow(AuxLoss, "load_loss", m.load_loss_coef * cv_squared(load))
-        return idx, weights
+        return Routing(idx, weights, probs, ranked, logits, noise_std)
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -192,12 +200,19 @@ class MoE(nnx.Module):
         m = self.moe
         return math.ceil(n_tokens * m.num_experts_per_tok / m.n_routed_experts * m.capacity_factor)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, router_noise: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]; router_noise [B, T, E]: the noisy router's eps in training."""
         m = self.moe
         b, t, d = x.shape
         k, e = m.num_experts_per_tok, m.n_routed_experts
         xt = x.reshape(b * t, d)
-        idx, weights = self.route(xt)
+        routing = self.route(xt, None if router_noise is None else router_noise.reshape(b * t, e))
+        if not self.deterministic:  # training: what lm_loss and the V3 bias step consume
+            for name, value in router_losses(m, routing).items():
+                self.sow(AuxLoss, name, value)
+            if self.records_load:
+                self.record_load(jnp.bincount(routing.idx.reshape(-1), length=e).astype(jnp.float32))
+        idx, weights = routing.idx, routing.weights
         keep = None if m.capacity_factor is None else within_capacity(idx, e, self.capacity(b * t))
         if keep is not None:
             weights = jnp.where(keep, weights, 0.0)
@@ -219,6 +234,28 @@ class MoE(nnx.Module):
             gate = jax.nn.sigmoid(self.shared_mlp_gate("BTD,D->BT", x))
             out = out + gate[..., None] * self.gated_shared_mlp(x)
         return out.astype(self.dtype)
+
+
+def router_losses(m: MoEConfig, r: Routing) -> dict[str, jax.Array]:
+    """The auxiliary losses of one routing (see the module docstring), each times its coefficient;
+    only those whose coefficient is nonzero."""
+    n_tokens, e = r.probs.shape
+    k = m.num_experts_per_tok
+    picked = jax.nn.one_hot(r.idx, e, dtype=jnp.float32)  # [X, A, E]
+    counts = picked.sum((0, 1))  # [E] tokens that picked each expert
+    losses = {}
+    if m.aux_loss_coef:
+        balance = e / (k * n_tokens) * jnp.sum(counts * r.probs.mean(0))
+        losses["balance_loss"] = m.aux_loss_coef * balance
+    if m.z_loss_coef:
+        losses["z_loss"] = m.z_loss_coef * jnp.mean(jax.nn.logsumexp(r.logits, axis=-1) ** 2)
+    if m.router == "noisy" and m.importance_loss_coef:
+        importance = jnp.einsum("XAE,XA->E", picked, r.weights)
+        losses["importance_loss"] = m.importance_loss_coef * cv_squared(importance)
+    if m.router == "noisy" and m.load_loss_coef:
+        load = counts if r.noise_std is None or k == e else smooth_load(r.clean_logits, r.logits, r.noise_std, k)
+        losses["load_loss"] = m.load_loss_coef * cv_squared(load)
+    return losses
 
 
 def within_capacity(idx: jax.Array, n_experts: int, capacity: int) -> jax.Array:
@@ -248,12 +285,30 @@ def smooth_load(clean: jax.Array, noisy: jax.Array, noise_std: jax.Array, k: int
     return prob.sum(0)
 
 
-def update_router_bias(model: nnx.Module) -> None:
-    """DeepSeek-V3 aux-loss-free balancing, called by the training loop after each optimiser step:
-    for every sigmoid-router MoE layer with bias_update_rate gamma > 0, expert_bias_i -= gamma if
-    expert i's load in the last forward exceeds the mean load, += gamma if below (unchanged if equal).
+def init_expert_loads(module: nnx.Module) -> None:
+    """A zero ExpertLoad on every MoE layer of `module` that will record one, made before a
+    transform whose branches or steps must leave the state's structure as they found it
+    (LayerDrop's nnx.cond, the recursion's fori_loop): the layers' forwards then add to it."""
+    for _, m in nnx.iter_modules(module):
+        if isinstance(m, MoE) and m.records_load:
+            m.record_load(jnp.zeros((m.moe.n_routed_experts,), jnp.float32))
+
+
+def pop_expert_load(model: nnx.Module) -> nnx.State:
+    """The expert loads (`ExpertLoad`) that MoE layers of `model` recorded in training forwards
+    since the last pop, removed from it: the argument of `update_router_bias`."""
+    return nnx.pop(model, ExpertLoad)
+
+
+def update_router_bias(model: nnx.Module, expert_load: nnx.State) -> None:
+    """DeepSeek-V3 aux-loss-free balancing, called by the training step after the optimiser step
+    with the step's loads, `pop_expert_load(model)`: for every sigmoid-router MoE layer with
+    bias_update_rate gamma > 0, expert_bias_i -= gamma if expert i's load exceeds the layer's mean
+    load, += gamma if below (unchanged if equal, as for a layer LayerDrop skipped: load 0).
     Works eagerly or inside `nnx.jit`."""
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, MoE) and module.expert_bias is not None and module.moe.bias_update_rate > 0:
-            load = module.expert_load[...]
+    loads = dict(nnx.to_flat_state(expert_load))
+    for path, module in nnx.iter_graph(model):
+        load = loads.get((*path, "expert_load"))
+        if isinstance(module, MoE) and module.balances_by_bias and load is not None:
+            load = load[...]
             module.expert_bias[...] += module.moe.bias_update_rate * jnp.sign(load.mean() - load)

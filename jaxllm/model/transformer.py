@@ -10,26 +10,29 @@ from flax import nnx
 from jaxllm.config import ModelConfig
 from jaxllm.model.blocks import Block, LayerDrop, RecursiveBlock
 from jaxllm.model.embeddings import Embed
+from jaxllm.model.moe import init_expert_loads
 from jaxllm.model.norms import make_norm
 from jaxllm.model.params import AuxLoss, dtypes, param, pop_aux_losses
 
 
-def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
-    return block(x, positions, mask)
+def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+               router_noise: jax.Array | None) -> jax.Array:
+    return block(x, positions, mask, router_noise)
 
 
-def _skip_block(block: Block, x: jax.Array, positions: jax.Array, mask) -> tuple[jax.Array, jax.Array]:
+def _skip_block(block: Block, x: jax.Array, positions: jax.Array, mask, router_noise) -> tuple[jax.Array, jax.Array]:
     return x, jnp.zeros((), jnp.float32)
 
 
 _run_block_remat = nnx.remat(_run_block)
 
 
-def _run_block_and_pop_aux(run, block: Block, x: jax.Array, positions: jax.Array,
-                           mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def _run_block_and_pop_aux(run, block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+                           router_noise: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """LayerDrop's kept branch: the block's aux losses leave as a value, because both nnx.cond
-    branches must leave the same state (a skipped layer records none)."""
-    x = run(block, x, positions, mask)
+    branches must leave the same state (a skipped layer records none; its expert loads, made
+    before the cond, stay 0)."""
+    x = run(block, x, positions, mask, router_noise)
     return x, pop_aux_losses(block)
 
 
@@ -39,7 +42,12 @@ class Transformer(nnx.Module):
     `mask` [B or 1, T, T] (True: may attend) replaces the causal sliding-window pattern in every
     attention layer (TiDAR's training mask; see `attend`).
 
-    The model is built in eval mode (no dropout, no LayerDrop); call `.train()` to train.
+    `router_noise` [B, T, E] replaces the noisy router's random draw in every MoE layer in training,
+    so that two implementations can be fed the same noise (parity tests; not with recursion).
+
+    The model is built in eval mode (no dropout, no LayerDrop); call `.train()` to train. Only a
+    training forward records anything (MoE aux losses and expert loads): an eval forward mutates
+    nothing.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -58,7 +66,7 @@ class Transformer(nnx.Module):
         self.lm_head_bias = param(None, (cfg.vocab_size,), ("vocab",), "zeros") if cfg.lm_head_bias else None
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 mask: jax.Array | None = None) -> jax.Array:
+                 mask: jax.Array | None = None, router_noise: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -67,13 +75,16 @@ class Transformer(nnx.Module):
             x = x + self.embed_positions(positions)
         x = self.dropout(x)
         if self.recursion is None:
-            x = self._run_layers(self.layers, x, positions, mask)
+            x = self._run_layers(self.layers, x, positions, mask, router_noise)
         else:  # prelude, the looped core, coda
+            if router_noise is not None:
+                raise ValueError("router_noise is not supported with model.recursion")
             r = cfg.recursion
             core_end = r.n_prelude + r.n_core
             e = self._run_layers(self.layers[:r.n_prelude], x, positions, mask)
             x, aux = self.recursion(self.layers[r.n_prelude:core_end], e, positions, mask)
-            self.sow(AuxLoss, "recursion_aux_losses", aux)
+            if not self.recursion.deterministic:  # training: the core's aux losses, for lm_loss
+                self.sow(AuxLoss, "recursion_aux_losses", aux)
             x = self._run_layers(self.layers[core_end:], x, positions, mask)
         x = self.final_norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
@@ -81,16 +92,18 @@ class Transformer(nnx.Module):
             logits = logits + self.lm_head_bias[...].astype(logits.dtype)
         return logits.astype(jnp.float32)
 
-    def _run_layers(self, layers, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def _run_layers(self, layers, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+                    router_noise: jax.Array | None = None) -> jax.Array:
         """Each layer once, rematerialised when configured; LayerDrop in training."""
         run = _run_block_remat if self.cfg.remat else _run_block
         keep = self.layerdrop.keep(len(layers))
         for i, block in enumerate(layers):
             if keep is None:
-                x = run(block, x, positions, mask)
+                x = run(block, x, positions, mask, router_noise)
             else:
+                init_expert_loads(block)  # both branches of the cond must leave the same state
                 x, aux = nnx.cond(keep[i], functools.partial(_run_block_and_pop_aux, run), _skip_block,
-                                  block, x, positions, mask)
+                                  block, x, positions, mask, router_noise)
                 self.sow(AuxLoss, "layerdrop_aux_losses", aux)
         return x
 

@@ -1,2 +1,3 @@
-"""Training: data (grain), tokenizer, optim (optax), checkpoint (orbax), loop, monitor (metrics,
-plots, wandb) and the `jaxllm train` CLI. See docs/training.md."""
+"""Training: data (grain), tokenizer, optim (optax), loop, monitor (metrics, plots, wandb) and the
+`jaxllm train` CLI; checkpoints (orbax) are jaxllm.checkpoint, shared with inference. See
+docs/training.md."""

@@ -5,6 +5,11 @@ A run directory holds `config.yaml` (the resolved config, vocab_size set from th
 `tokenizer.json`, `tokens.bin`/`tokens.json` (the corpus, tokenised once), `checkpoints/`,
 `metrics.jsonl` and `loss.png`. Running again in the same directory resumes from its latest
 checkpoint; a directory made by an incompatible config is refused before anything is written.
+
+`train()` reads top to bottom; each job is one method of `Run`: set up (`Run(...)`), `restore`,
+`open_outputs`, then per step `train_step` (grad_accum micro-batches, one update), `train_record`
+(loss, lr, grad_norm, throughput), `evaluate` (validation loss, curriculum), `write`, `sample`,
+`save`; `finish` and `close` at the end.
 """
 from __future__ import annotations
 
@@ -15,21 +20,20 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 import yaml
 from flax import nnx
 
-from jaxllm.metrics import flops_per_token, peak_flops
+from jaxllm.checkpoint import Checkpointer, load_model
 from jaxllm.config import Config, to_dict, to_yaml
+from jaxllm.errors import DataError
 from jaxllm.files import atomic_write
+from jaxllm.metrics import flops_per_token, peak_flops
 from jaxllm.model import Transformer, cross_entropy, lm_loss
-from jaxllm.model.moe import update_router_bias
+from jaxllm.model.moe import pop_expert_load, update_router_bias
 from jaxllm.sharding import batch_divisor, batch_sharding, make_mesh, state_shardings
 from jaxllm.train import data as data_lib
-from jaxllm.train.checkpoint import Checkpointer
-from jaxllm.errors import DataError
 from jaxllm.train.monitor import MetricsLog, Wandb
-from jaxllm.train.optim import lr_schedule, make_optimizer
+from jaxllm.train.optim import last_grad_norm, lr_schedule, make_optimizer
 from jaxllm.train.tokenizer import build_tokenizer, load_tokenizer
 
 # Train fields that must match to continue a run in the same directory (the model section must too).
@@ -110,19 +114,23 @@ class Trainer:
                                  out_shardings=replicated)
 
     def _train_step(self, state, batch):
+        """(new state, loss, grad_norm): one micro-batch through the model and the optimizer (with
+        train.grad_accum > 1, optax.MultiSteps applies the update every grad_accum calls). grad_norm
+        is the global norm of the last update's gradient: with accumulation, that of the whole batch."""
         model, optimizer = nnx.merge(self.graphdef, state)
         loss, grads = nnx.value_and_grad(lm_loss)(model, batch[:, :-1], batch[:, 1:])
         optimizer.update(model, grads)
-        update_router_bias(model)  # DeepSeek-V3 aux-loss-free balancing; a no-op for other models
-        return nnx.state((model, optimizer)), loss, optax.tree.norm(grads)
+        update_router_bias(model, pop_expert_load(model))  # DeepSeek-V3 balancing; a no-op for other models
+        return nnx.state((model, optimizer)), loss, last_grad_norm(optimizer.opt_state)
 
-    def _eval_model(self, state):
+    def eval_model(self, state):
+        """The model of `state` in eval mode (no dropout); the state itself is left as it is."""
         model, _ = nnx.merge(self.graphdef, state)
         model.eval()
         return model
 
     def _eval_step(self, state, batch):
-        return cross_entropy(self._eval_model(state)(batch[:, :-1]), batch[:, 1:])
+        return cross_entropy(self.eval_model(state)(batch[:, :-1]), batch[:, 1:])
 
     def put(self, batch: np.ndarray) -> jax.Array:
         """This host's rows of the global batch -> one array split over the data and fsdp axes."""
@@ -132,20 +140,58 @@ class Trainer:
         losses = [self.eval_step(self.state, self.put(b)) for b in batches]
         return float(np.mean(jax.device_get(losses)))
 
-    def sample(self, tokenizer, prompt: str, n_tokens: int, temperature: float, seed: int) -> str:
-        """Sampled continuation of `prompt` by jaxllm.decode (KV cache, one jitted loop); past the
-        context, the context shifts (`generate_long`). A prompt longer than the context keeps its end."""
-        from jaxllm.decode import Sampling, generate_long
 
-        ids = [int(i) for i in tokenizer.encode(prompt)] or [0]
-        context = ids[-(self.cfg.model.max_seq_len - 1):]
-        new = generate_long(self._eval_model(self.state), [context], max_new_tokens=n_tokens,
-                            sampling=Sampling(temperature=temperature), seed=seed)[0]
-        return tokenizer.decode(ids + new)
+def continue_text(model, tokenizer, prompt: str, n_tokens: int, temperature: float, seed: int) -> str:
+    """`prompt` and a sampled continuation by jaxllm.decode (KV cache, one jitted loop); past the
+    context, the context shifts (`generate_long`). A prompt longer than the context keeps its end."""
+    from jaxllm.decode import Sampling, generate_long
+
+    ids = [int(i) for i in tokenizer.encode(prompt)] or [0]
+    context = ids[-(model.cfg.max_seq_len - 1):]
+    new = generate_long(model, [context], max_new_tokens=n_tokens, sampling=Sampling(temperature=temperature),
+                        seed=seed)[0]
+    return tokenizer.decode(ids + new)
+
+
+def sample_from_run(run_dir: Path, prompt: str, n_tokens: int, temperature: float, seed: int) -> tuple[int, str]:
+    """(step, text): a continuation of `prompt` by the model of a run directory's latest checkpoint,
+    loaded alone for inference (`jaxllm.checkpoint.load_model`: no optimizer state)."""
+    model, step = load_model(run_dir)
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    return step, continue_text(model, tokenizer, prompt, n_tokens, temperature, seed)
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
+
+
+def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> dict:
+    """Train (or continue) the run in `run_dir`; returns the last metrics. `stop_after` ends the
+    process early at that step (after its checkpoint), as an interruption would."""
+    run = Run(cfg, Path(run_dir), resume=resume)
+    t = run.cfg.train
+    last: dict = {}
+    try:
+        run.restore()
+        run.open_outputs(progress)
+        while run.step < t.max_steps:
+            grad_norm = run.train_step()
+            record = run.train_record(grad_norm) if run.due(t.log_every) else {}
+            if run.due(t.eval_every):
+                record = {**record, **run.evaluate()}
+            run.write(record)
+            if t.sample_every and run.step % t.sample_every == 0:
+                run.sample()
+            if run.due(t.checkpoint_every) or run.step == stop_after:
+                run.save(record.get("val_loss"))
+            last = {**last, **record}
+            if run.step == stop_after:
+                break
+        run.finish()
+    finally:
+        run.close()
+    return {**last, "step": run.step}
 
 
 def stages(cfg: Config) -> list:
@@ -156,118 +202,156 @@ def stages(cfg: Config) -> list:
     return list(t.curriculum) or [CurriculumStage(seq_len=t.seq_len or cfg.model.max_seq_len, batch_size=t.batch_size)]
 
 
-def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> dict:
-    """Train (or continue) the run in `run_dir`; returns the last metrics. `stop_after` ends the
-    process early at that step (after its checkpoint), as an interruption would."""
-    run_dir = Path(run_dir)
-    is_main = jax.process_index() == 0
-    if resume and not any((run_dir / "checkpoints").glob("[0-9]*")):
-        raise DataError(f"--resume: run directory {str(run_dir)!r} has no checkpoint to resume from")
-    t = cfg.train
-    mesh = make_mesh(t.mesh)
-    plan = stages(cfg)
-    for stage in plan:
-        micro = stage.batch_size // t.grad_accum
-        if micro % batch_divisor(mesh) or micro % jax.process_count():
-            raise DataError(f"train.batch_size / train.grad_accum = {micro} sequences must divide by the "
-                            f"data x fsdp mesh size ({batch_divisor(mesh)}) and the process count "
-                            f"({jax.process_count()})")
-    cfg, tokenizer, tokens = _prepare_on_main_first(cfg, run_dir, is_main)
-    train_tokens, val_tokens = data_lib.split(tokens, t.val_fraction)
-    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+@dataclasses.dataclass
+class Window:
+    """The steps since the last log line: their micro-batch losses (device arrays), tokens, start time."""
+    losses: list = dataclasses.field(default_factory=list)
+    tokens: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
 
-    def iterator(stage_index: int):
-        stage = plan[stage_index]
+
+class Run:
+    """One training run: its config, data, sharded state and outputs, and where it stands (step,
+    curriculum stage, data iterators, the window since the last log). Process 0 writes the files."""
+
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool):
+        """Set up: check the request, prepare the run directory (config, tokenizer, tokens) and build
+        the sharded model + optimizer state. Nothing is written before the checks pass."""
+        self.run_dir = run_dir
+        self.is_main = jax.process_index() == 0
+        if resume and not any((run_dir / "checkpoints").glob("[0-9]*")):
+            raise DataError(f"--resume: run directory {str(run_dir)!r} has no checkpoint to resume from")
+        self.mesh = make_mesh(cfg.train.mesh)
+        self.plan = stages(cfg)
+        for stage in self.plan:
+            micro = stage.batch_size // cfg.train.grad_accum
+            if micro % batch_divisor(self.mesh) or micro % jax.process_count():
+                raise DataError(f"train.batch_size / train.grad_accum = {micro} sequences must divide by the "
+                                f"data x fsdp mesh size ({batch_divisor(self.mesh)}) and the process count "
+                                f"({jax.process_count()})")
+        self.cfg, self.tokenizer, tokens = _prepare_on_main_first(cfg, run_dir, self.is_main)
+        self.t = self.cfg.train
+        self.train_tokens, self.val_tokens = data_lib.split(tokens, self.t.val_fraction)
+        with jax.set_mesh(self.mesh):
+            self.trainer = Trainer(self.cfg, self.mesh)
+        self.checkpointer = Checkpointer(run_dir / "checkpoints", self.t.keep_checkpoints)
+        self.schedule = lr_schedule(self.t)
+        self.peak = peak_flops(jax.devices()[0])
+        self.step, self.stage_index = 0, 0
+        self.metrics, self.wandb, self.bar = None, None, None
+        self.window = Window()
+
+    def restore(self) -> None:
+        """Continue from the latest checkpoint, if any: its curriculum stage, model + optimizer state,
+        data iterator and step. Without one, the first stage from step 0."""
+        latest = self.checkpointer.latest_step()
+        self._enter_stage(0 if latest is None else self.checkpointer.restore_meta(latest)["stage"])
+        if latest is not None:
+            self.trainer.state = self.checkpointer.restore(latest, self.trainer.state, self.data_iter)
+            self.step = latest
+            if self.is_main:
+                print(f"resumed from {self.run_dir / 'checkpoints'} at step {self.step}")
+
+    def open_outputs(self, progress: bool) -> None:
+        """metrics.jsonl (cut back to the restored step), wandb and the progress bar (process 0), and
+        one line about the run; the first throughput window starts here."""
+        if self.is_main:
+            self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step)
+            self.wandb = Wandb(self.t.wandb, self.t.wandb_project, self.run_dir, to_dict(self.cfg))
+            n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(self.trainer.state[0], nnx.Param)))
+            print(f"{n_params / 1e6:.2f}M parameters, vocab {self.cfg.model.vocab_size}, {len(self.train_tokens):,} "
+                  f"train / {len(self.val_tokens):,} val tokens, mesh {dict(self.mesh.shape)}, run dir {self.run_dir}")
+        self.bar = _progress(self.step, self.t.max_steps, progress and self.is_main)
+        self.window = Window()
+
+    def due(self, every: int) -> bool:
+        """Whether a job done every `every` steps (and at the last step) is due now."""
+        return self.step % every == 0 or self.step == self.t.max_steps
+
+    def train_step(self) -> jax.Array:
+        """One optimizer update from train.grad_accum micro-batches; returns its gradient's norm."""
+        stage = self.plan[self.stage_index]
+        for _ in range(self.t.grad_accum):
+            self.trainer.state, loss, grad_norm = self.trainer.train_step(self.trainer.state,
+                                                                          self.trainer.put(next(self.data_iter)))
+            self.window.losses.append(loss)
+        self.window.tokens += stage.batch_size * stage.seq_len
+        self.step += 1
+        self.bar.update(1)
+        return grad_norm
+
+    def train_record(self, grad_norm: jax.Array) -> dict:
+        """The log line of the steps since the last one: mean loss, lr, grad_norm, tokens/s, MFU."""
+        stage = self.plan[self.stage_index]
+        loss = float(np.mean(jax.device_get(self.window.losses)))
+        tokens_per_s = self.window.tokens / (time.perf_counter() - self.window.start)
+        mfu = self.flops * tokens_per_s / (self.peak * jax.device_count()) if self.peak else None
+        self.bar.set_postfix_str(f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | "
+                                 f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
+        self.window = Window()
+        return {"step": self.step, "loss": loss, "lr": float(self.schedule(self.step - 1)),
+                "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s, "mfu": mfu,
+                "seq_len": stage.seq_len, "batch_size": stage.batch_size}
+
+    def evaluate(self) -> dict:
+        """Validation loss and perplexity; at or below the stage's until_ppl, the next curriculum stage."""
+        val_loss = self.trainer.evaluate(self.evals)
+        record = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        self.say(f"step {self.step}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}")
+        threshold = self.plan[self.stage_index].until_ppl
+        if threshold is not None and record["val_ppl"] <= threshold:
+            self._enter_stage(self.stage_index + 1)
+            s = self.plan[self.stage_index]
+            self.say(f"curriculum: stage {self.stage_index} (batch {s.batch_size} x seq {s.seq_len})")
+        return record
+
+    def write(self, record: dict) -> None:
+        """metrics.jsonl and wandb; loss.png after an evaluation (process 0)."""
+        if record and self.is_main:
+            self.metrics.log(record)
+            self.wandb.log(record)
+            if "val_loss" in record:
+                self.metrics.plot(self.run_dir / "loss.png", title=self.run_dir.name)
+
+    def sample(self) -> None:
+        """A continuation of train.sample_prompt, printed by process 0."""
+        if self.is_main:
+            t = self.t
+            text = continue_text(self.trainer.eval_model(self.trainer.state), self.tokenizer, t.sample_prompt,
+                                 t.sample_tokens, t.sample_temperature, t.seed + self.step)
+            self.say(f"--- sample at step {self.step} ---\n{text}\n---")
+
+    def save(self, val_loss: float | None) -> None:
+        """A checkpoint of this step: state, data iterator, step and stage (async)."""
+        self.checkpointer.save(self.step, self.trainer.state, self.data_iter,
+                               {"step": self.step, "stage": self.stage_index}, val_loss)
+
+    def finish(self) -> None:
+        """The final loss.png."""
+        if self.is_main and self.metrics.records:
+            self.metrics.plot(self.run_dir / "loss.png", title=self.run_dir.name)
+
+    def close(self) -> None:
+        """Waits for the last checkpoint to be written; closes the bar and wandb."""
+        if self.bar is not None:
+            self.bar.close()
+        self.checkpointer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            self.bar.write(message)
+
+    def _enter_stage(self, index: int) -> None:
+        """Curriculum stage `index`: its data iterator (seeded seed + index), validation batches and FLOPs."""
+        stage, t = self.plan[index], self.t
         local = stage.batch_size // t.grad_accum // jax.process_count()
-        return data_lib.train_iterator(train_tokens, stage.seq_len, local, t.seed + stage_index, **hosts)
-
-    def val_batches(stage_index: int):
-        stage = plan[stage_index]
-        local = stage.batch_size // t.grad_accum // jax.process_count()
-        return data_lib.eval_batches(val_tokens, stage.seq_len, local, t.eval_batches, **hosts)
-
-    with jax.set_mesh(mesh):
-        trainer = Trainer(cfg, mesh)
-    checkpointer = Checkpointer(run_dir / "checkpoints", t.keep_checkpoints)
-    step, stage_index = 0, 0
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        stage_index = checkpointer.restore_meta(latest)["stage"]
-    data_iter, evals = iterator(stage_index), val_batches(stage_index)
-    if latest is not None:
-        trainer.state = checkpointer.restore(latest, trainer.state, data_iter)
-        step = latest
-        if is_main:
-            print(f"resumed from {run_dir / 'checkpoints'} at step {step}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
-    wandb = Wandb(t.wandb, t.wandb_project, run_dir, to_dict(cfg)) if is_main else None
-    schedule = lr_schedule(t)
-    flops = flops_per_token(cfg.model, plan[stage_index].seq_len)
-    peak = peak_flops(jax.devices()[0])
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(trainer.state[0], nnx.Param)))
-    if is_main:
-        print(f"{n_params / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}, {len(train_tokens):,} train / "
-              f"{len(val_tokens):,} val tokens, mesh {dict(mesh.shape)}, run dir {run_dir}")
-
-    bar = _progress(step, t.max_steps, progress and is_main)
-    say = bar.write if is_main else (lambda message: None)
-    last: dict = {}
-    window_losses, window_tokens, window_start = [], 0, time.perf_counter()
-    try:
-        while step < t.max_steps:
-            stage = plan[stage_index]
-            for _ in range(t.grad_accum):
-                trainer.state, loss, grad_norm = trainer.train_step(trainer.state, trainer.put(next(data_iter)))
-                window_losses.append(loss)
-            window_tokens += stage.batch_size * stage.seq_len
-            step += 1
-            bar.update(1)
-            record = {}
-            if step % t.log_every == 0 or step == t.max_steps:
-                loss_value = float(np.mean(jax.device_get(window_losses)))
-                seconds = time.perf_counter() - window_start
-                tokens_per_s = window_tokens / seconds
-                mfu = flops * tokens_per_s / (peak * jax.device_count()) if peak else None
-                record = {"step": step, "loss": loss_value, "lr": float(schedule(step - 1)),
-                          "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s, "mfu": mfu,
-                          "seq_len": stage.seq_len, "batch_size": stage.batch_size}
-                bar.set_postfix_str(f"loss {loss_value:.4f} | {tokens_per_s:,.0f} tok/s | "
-                                    f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
-                window_losses, window_tokens, window_start = [], 0, time.perf_counter()
-            val_loss = None
-            if step % t.eval_every == 0 or step == t.max_steps:
-                val_loss = trainer.evaluate(evals)
-                record = {**record, "step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-                say(f"step {step}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}")
-                stage_index = _next_stage(plan, stage_index, record["val_ppl"])
-                if plan[stage_index] is not stage:
-                    s = plan[stage_index]
-                    say(f"curriculum: stage {stage_index} (batch {s.batch_size} x seq {s.seq_len})")
-                    data_iter, evals = iterator(stage_index), val_batches(stage_index)
-                    flops = flops_per_token(cfg.model, s.seq_len)
-            if record and is_main:
-                metrics.log(record)
-                wandb.log(record)
-                if "val_loss" in record:
-                    metrics.plot(run_dir / "loss.png", title=f"{run_dir.name}")
-            if is_main and t.sample_every and step % t.sample_every == 0:
-                text = trainer.sample(tokenizer, t.sample_prompt, t.sample_tokens, t.sample_temperature, t.seed + step)
-                say(f"--- sample at step {step} ---\n{text}\n---")
-            if step % t.checkpoint_every == 0 or step == t.max_steps or step == stop_after:
-                checkpointer.save(step, trainer.state, data_iter, {"step": step, "stage": stage_index}, val_loss)
-            last = {**last, **record}
-            if step == stop_after:
-                break
-    finally:
-        bar.close()
-        checkpointer.close()
-        if wandb is not None:
-            wandb.finish()
-    if is_main and metrics.records:
-        metrics.plot(run_dir / "loss.png", title=f"{run_dir.name}")
-    last["step"] = step
-    return last
+        hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        self.stage_index = index
+        self.data_iter = data_lib.train_iterator(self.train_tokens, stage.seq_len, local, t.seed + index, **hosts)
+        self.evals = data_lib.eval_batches(self.val_tokens, stage.seq_len, local, t.eval_batches, **hosts)
+        self.flops = flops_per_token(self.cfg.model, stage.seq_len)
 
 
 def _prepare_on_main_first(cfg: Config, run_dir: Path, is_main: bool):
@@ -281,55 +365,7 @@ def _prepare_on_main_first(cfg: Config, run_dir: Path, is_main: bool):
     return prepared or prepare_run_dir(cfg, run_dir, is_main=False)
 
 
-def _next_stage(plan, index: int, val_ppl: float) -> int:
-    threshold = plan[index].until_ppl
-    return index + 1 if threshold is not None and val_ppl <= threshold else index
-
-
 def _progress(initial: int, total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", desc="step", dynamic_ncols=True)
-
-
-def load_run(run_dir: Path, step: int | None = None) -> tuple["Trainer", int]:
-    """(trainer holding the restored state, step) of a run directory's checkpoint at `step`
-    (default: the latest)."""
-    from jaxllm.config import load_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "tokenizer.json").is_file():
-        raise DataError(f"{str(run_dir)!r} is not a run directory (no config.yaml and tokenizer.json)")
-    cfg = load_config(run_dir / "config.yaml")
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
-    try:
-        steps = checkpointer.all_steps()
-        if not steps:
-            raise DataError(f"run directory {str(run_dir)!r} has no checkpoint")
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise DataError(f"run directory {str(run_dir)!r} has no checkpoint at step {step}; "
-                            f"it has steps {', '.join(map(str, sorted(steps)))}")
-        mesh = make_mesh("data:1", jax.devices()[:1])
-        with jax.set_mesh(mesh):
-            trainer = Trainer(cfg, mesh)
-        trainer.state = checkpointer.restore_state(step, trainer.state)
-    finally:
-        checkpointer.close()
-    return trainer, step
-
-
-def model_from_run(run_dir: Path, step: int | None = None):
-    """(the model of a run directory's checkpoint at `step` (default: the latest), in eval mode, step)."""
-    trainer, step = load_run(run_dir, step)
-    model, _ = nnx.merge(trainer.graphdef, trainer.state)
-    model.eval()
-    return model, step
-
-
-def sample_from_run(run_dir: Path, prompt: str, n_tokens: int, temperature: float, seed: int) -> tuple[int, str]:
-    """(step, text): a continuation of `prompt` from the latest checkpoint of a run directory."""
-    trainer, step = load_run(run_dir)
-    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
-    return step, trainer.sample(tokenizer, prompt, n_tokens, temperature, seed)

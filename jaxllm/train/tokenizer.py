@@ -112,7 +112,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def build_tokenizer(kind: str, texts, bpe_vocab_size: int) -> Tokenizer:
-    """`kind` is 'char', 'bpe' (trained on `texts`, an iterable of strings) or a tokenizer.json path."""
+    """The tokenizer train.tokenizer=`kind` names: 'char' (the corpus's characters) or 'bpe' (byte-level
+    BPE of `bpe_vocab_size` tokens), each trained on `texts()`, a zero-argument callable that returns
+    a fresh iterable of the corpus's strings (called once, only for these two); any other `kind` is
+    the path of a tokenizer.json, loaded as it is (`bpe_vocab_size` unused)."""
     if kind == "char":
         return CharTokenizer.train(texts())
     if kind == "bpe":

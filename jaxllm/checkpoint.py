@@ -1,0 +1,171 @@
+"""Checkpoints with orbax, for training and for inference.
+
+A run's `checkpoints/<step>/` holds three items: `state`, which is `nnx.state((model, optimizer))`
+(subtree 0: the model's variables: parameters, dropout RNG streams, MoE router buffers; subtree
+1: the optimizer state), `data` (the grain iterator) and `meta` (step, curriculum stage).
+Training writes them asynchronously and restores all three (`Checkpointer`); it keeps the last
+`keep` steps plus the best by validation loss.
+
+Inference (`load_model`) restores only subtree 0 (orbax partial restore onto the abstract model,
+`nnx.eval_shape`), straight into arrays laid out over a mesh as training lays them out: about 1x
+the parameter memory, no optimizer moments, no training step compiled.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxllm.errors import ConfigError, DataError
+
+MODEL, OPTIMIZER = 0, 1  # the subtrees of the saved `state`: nnx.state((model, optimizer))
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep: int = 1, *, create: bool = True):
+        keep_last_and_best = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                           keep_checkpoints_without_metrics=False),
+        ])
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(preservation_policy=keep_last_and_best, create=create,
+                                                 enable_async_checkpointing=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iterator, meta: dict, val_loss: float | None = None) -> None:
+        import grain
+
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave(meta),
+        ), metrics=None if val_loss is None else {"val_loss": float(val_loss)}, force=True)
+
+    def restore_meta(self, step: int) -> dict:
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+    def restore(self, step: int, target_state, data_iterator):
+        """The whole saved state (model + optimizer), laid out like `target_state` (same shardings);
+        the data iterator is restored in place. A checkpoint whose state has another structure (another
+        train.optimizer or train.grad_accum, or an older jaxllm) is a one-line DataError."""
+        import grain
+
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+        with self._structure_errors(step, "model + optimizer state"):
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+            ))
+        return restored.state
+
+    def restore_model(self, step: int, abstract_model_state):
+        """Only the model's variables (subtree MODEL of `state`), read straight into arrays of the
+        shapes, dtypes and shardings of `abstract_model_state` (jax.ShapeDtypeStruct leaves). The
+        optimizer's arrays are never read."""
+        target = {MODEL: abstract_model_state}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        with self._structure_errors(step, "model"):
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+        state = restored.state[MODEL]
+        # A partial restore leaves what the checkpoint lacks as it was given: abstract.
+        missing = [_dotted(path) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+                   if isinstance(leaf, jax.ShapeDtypeStruct)]
+        if missing:
+            raise DataError(f"checkpoint {str(self.directory / str(step))!r} lacks the model's {missing[0]} "
+                            f"({len(missing)} missing in all): another config or an older jaxllm wrote it")
+        return state
+
+    @contextlib.contextmanager
+    def _structure_errors(self, step: int, what: str):
+        """orbax's "tree structures do not match" ValueError as one line."""
+        try:
+            yield
+        except ValueError as e:
+            if "do not match" not in str(e):
+                raise
+            raise DataError(f"checkpoint {str(self.directory / str(step))!r} does not hold this config's {what} "
+                            f"(another train.optimizer or train.grad_accum, or an older jaxllm, wrote it); continue "
+                            f"with the settings that wrote it or use a new --run-dir") from None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _dotted(path) -> str:
+    """'layers.0.attn.q_proj.weight' for a jax key path into an nnx state (the Variable's `.value` dropped)."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return ".".join(names[:-1] if names and names[-1] == "value" else names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: the model alone
+
+
+def checkpoint_step(run_dir: Path, checkpointer: Checkpointer, step: int | None) -> int:
+    """`step` (default: the latest) if the run directory has a checkpoint there, else a DataError."""
+    steps = sorted(checkpointer.all_steps())
+    if not steps:
+        raise DataError(f"run directory {str(run_dir)!r} has no checkpoint")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise DataError(f"run directory {str(run_dir)!r} has no checkpoint at step {step}; "
+                        f"it has steps {', '.join(map(str, steps))}")
+    return step
+
+
+def inference_mesh(spec: str) -> jax.sharding.Mesh:
+    """The run's `train.mesh` over this machine's devices when it fits them (a -1 axis always
+    does); otherwise every device on `fsdp` (parameters split over their embed dimension)."""
+    from jaxllm.sharding import make_mesh
+
+    try:
+        return make_mesh(spec)
+    except ConfigError:  # e.g. data:8 from an 8-GPU run, loaded on a laptop
+        return make_mesh("fsdp:-1")
+
+
+def load_model(run_dir: Path, step: int | None = None, mesh: jax.sharding.Mesh | None = None):
+    """(model, step): the model of a training run directory's checkpoint at `step` (default: the
+    latest), in eval mode, its variables laid out over `mesh` (default: `inference_mesh` of the
+    run's train.mesh) by the same rules as in training. Restores the model part of the checkpoint
+    only: the optimizer state is neither built nor read."""
+    from flax import nnx
+
+    from jaxllm.config import load_config
+    from jaxllm.model import Transformer
+    from jaxllm.sharding import state_shardings
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise DataError(f"{str(run_dir)!r} is not a run directory (no config.yaml); give a directory "
+                        f"written by `jaxllm train`")
+    if not (run_dir / "checkpoints").is_dir():
+        raise DataError(f"run directory {str(run_dir)!r} has no checkpoint")
+    cfg = load_config(run_dir / "config.yaml")
+    mesh = inference_mesh(cfg.train.mesh) if mesh is None else mesh
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))))
+    shardings = state_shardings(abstract, mesh)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    checkpointer = Checkpointer(run_dir / "checkpoints", create=False)
+    try:
+        step = checkpoint_step(run_dir, checkpointer, step)
+        state = checkpointer.restore_model(step, target)
+    finally:
+        checkpointer.close()
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model, step
