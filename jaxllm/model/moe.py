@@ -127,7 +127,7 @@ class MoE(nnx.Module):
         self.shared_mlp = MLP(shared_cfg, rngs=rngs) if m.n_shared_experts and not m.shared_expert_gate else None
         self.gated_shared_mlp = MLP(shared_cfg, rngs=rngs) if m.n_shared_experts and m.shared_expert_gate else None
         self.shared_mlp_gate = (Einsum((d,), (), ("embed",), (), bias=False, std=cfg.init_std, dtype=self.dtype,
-                                          param_dtype=param_dtype, rngs=rngs) if self.gated_shared_mlp else None)
+                                       param_dtype=param_dtype, rngs=rngs) if self.gated_shared_mlp else None)
         # Training mode (model.train(), like nnx.Dropout): router noise on (drawn from the dropout
         # stream), aux losses and expert loads recorded. Eval mode records nothing.
         self.deterministic = True
