@@ -4,7 +4,8 @@ sequences). docs/sampling.md is the user's guide.
 
 Letters: B batch, T new positions, S cache slots, V vocab, M stop sequences, L their length.
 
-Caches (one per layer, made by the layer's `init_cache`, filled by its `cached`):
+Caches (one per layer, made by the layer's `init_cache`; `model.init_cache` gathers them in a
+`DecodeCache`, and the model's one forward, `model(tokens, positions, mask, cache=...)`, fills it):
 - MHA / GQA / MQA: keys and values [B, S, K, H];
 - MLA: the compressed cache, normalised c_kv [B, S, C] and rotated k_rope [B, S, K, R]
   (K = 1 for DeepSeek): C + R numbers per token and layer; steps attend with absorbed weights.
@@ -134,7 +135,7 @@ def next_token(logits: jax.Array, seen: jax.Array, s: dict[str, jax.Array], key:
 
 
 # ---------------------------------------------------------------------------------------------
-# The cached forward
+# The cache
 
 
 def check_cacheable(cfg) -> None:
@@ -160,28 +161,11 @@ def cache_size(cfg, total: int) -> int:
     return total if window is None else min(window, total)
 
 
-def init_cache(model, batch: int, size: int) -> list:
-    dtype = model.embed_tokens.dtype
-    return [block.attn.init_cache(batch, size, dtype) for block in model.layers]
-
-
-def forward_cached(model, tokens: jax.Array, positions: jax.Array, cache: list, step: jax.Array,
-                   mask: jax.Array, prefill: bool) -> tuple[jax.Array, list]:
-    """tokens [B, T] at positions [B, T], written to the caches at time steps step..; returns the
-    float32 logits of the last position [B, V] and the updated caches. (The embedding and head are
-    Transformer.__call__'s, applied to the last position only.)"""
-    x = model.embed_tokens(tokens)
-    if model.embed_positions is not None:
-        x = x + model.embed_positions(positions)
-    new_cache = []
-    for block, layer_cache in zip(model.layers, cache):
-        x, layer_cache = block.cached(x, positions, layer_cache, step, mask, prefill)
-        new_cache.append(layer_cache)
-    x = model.final_norm(x[:, -1:])
-    logits = model.embed_tokens.attend(x) if model.lm_head is None else model.lm_head(x)
-    if model.lm_head_bias is not None:
-        logits = logits + model.lm_head_bias[...].astype(logits.dtype)
-    return logits[:, 0].astype(jnp.float32), new_cache
+def forward_step(model, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache):
+    """The model's forward with the cache, logits of the last position only: float32 [B, V] and
+    the updated cache."""
+    logits, cache = model(tokens, positions, mask, cache=cache, last_only=True)
+    return logits[:, 0], cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,8 +235,8 @@ def _generate(graphdef, state, prompts, lengths, max_new, sampling, eos_id, stop
         positions = time[None] - pad[:, None]
         valid = jnp.where(positions >= 0, positions, -1)
         mask = position_mask(valid, valid, cfg.attention.window) | jnp.eye(p, dtype=bool)  # padding sees itself
-        cache = init_cache(model, b, slot_pos.shape[1])
-        logits, cache = forward_cached(model, prompts, jnp.maximum(positions, 0), cache, jnp.int32(0), mask, True)
+        cache = model.init_cache(b, slot_pos.shape[1])
+        logits, cache = forward_step(model, prompts, jnp.maximum(positions, 0), mask, cache)
         mode_state = (cache, write_cache(slot_pos, valid, jnp.int32(0)))
     else:
         full = jnp.concatenate([prompts, jnp.zeros((b, capacity), jnp.int32)], axis=1)
@@ -290,11 +274,10 @@ def _generate(graphdef, state, prompts, lengths, max_new, sampling, eos_id, stop
         done = done | (token == eos_id) | _stop_hit(out, t, stops)
         if cached:
             cache, slot_pos = mode_state
-            step = p + t
             q_pos = (lengths + t)[:, None]
-            slot_pos = write_cache(slot_pos, q_pos, step)
+            slot_pos = write_cache(slot_pos, q_pos, cache.step)  # cache.step = p + t
             mask = position_mask(q_pos, slot_pos, cfg.attention.window)
-            logits, cache = forward_cached(model, token[:, None], q_pos, cache, step, mask, False)
+            logits, cache = forward_step(model, token[:, None], q_pos, mask, cache)
             mode_state = (cache, slot_pos)
         else:
             mode_state = jax.lax.dynamic_update_slice_in_dim(mode_state, token[:, None], p + t, axis=1)

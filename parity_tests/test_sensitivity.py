@@ -24,7 +24,7 @@ def mask_window_plus_one(t, window=None):  # the paper's literal i - W: W + 1 ke
     return (j <= i) & ((i - j <= window) if window is not None else True)
 
 
-def gqa_modulo_forward(self, x, positions, mask=None):  # query head n reads kv head n % K instead of n // G
+def gqa_modulo_forward(self, x, positions, mask=None, cache=None):  # query head n reads kv head n % K instead of n // G
     B, T, _ = x.shape
     q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
     k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)

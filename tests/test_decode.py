@@ -11,10 +11,10 @@ from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, Te
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from jaxllm.config import config_from_dict
-from jaxllm.decode import (Sampling, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, check_cacheable, filter_logits, generate, init_cache, next_token)
+from jaxllm.decode import (Sampling, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, check_cacheable, filter_logits, generate, next_token)
 from jaxllm.errors import DecodeError
 from jaxllm.model import Transformer
-from jaxllm.model.attention import causal_mask, position_mask, write_cache
+from jaxllm.model.attention import LayerCache, causal_mask, position_mask, write_cache
 from torch_ref.generate import process_logits
 
 V = 64
@@ -175,20 +175,40 @@ def test_mla_cache_holds_the_latent_and_the_rope_key_per_token(variant, heads):
     c, r = 24, 8
     m = model_for(position=dict(kind="rope"), attention=dict(kind="mla", n_head=4, mla=dict(
         variant=variant, kv_lora_rank=c, q_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=r, v_head_dim=16)))
-    cache = init_cache(m, 3, 50)
+    cache = m.init_cache(3, 50).layers
     assert len(cache) == 2
     for c_kv, k_rope in cache:
         assert c_kv.shape == (3, 50, c) and k_rope.shape == (3, 50, heads, r)
         assert c_kv[0, 0].size + k_rope[0, 0].size == c + heads * r  # per token and layer: C + R (DeepSeek)
     # and the cache a generation fills has those shapes: run the jitted prefill's layer directly
-    prefill = nnx.jit(lambda attn, x, pos, cache: attn.cached(x, pos, cache, jnp.int32(0), jnp.ones((3, 5, 5), bool), True))
-    _, (c_kv, k_rope) = prefill(m.layers[0].attn, jnp.ones((3, 5, 32)), jnp.broadcast_to(jnp.arange(5), (3, 5)), cache[0])
+    prefill = nnx.jit(lambda attn, x, pos, buffers: attn(x, pos, jnp.ones((3, 5, 5), bool),
+                                                          LayerCache(buffers, jnp.int32(0), True)))
+    _, layer_cache = prefill(m.layers[0].attn, jnp.ones((3, 5, 32)), jnp.broadcast_to(jnp.arange(5), (3, 5)), cache[0])
+    c_kv, k_rope = layer_cache.buffers
     assert c_kv.shape == (3, 50, c) and k_rope.shape == (3, 50, heads, r)
     assert np.abs(np.asarray(c_kv[:, :5])).sum() > 0 and np.abs(np.asarray(c_kv[:, 5:])).sum() == 0
 
 
+@pytest.mark.parametrize("attention", [dict(n_head=4, n_kv_head=2), dict(kind="mla", n_head=4, mla=dict(
+    kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8))])
+def test_the_one_forward_with_a_cache_gives_the_logits_of_the_forward_without(attention):
+    m = model_for(position=dict(kind="rope"), attention=attention)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 12)), jnp.int32)
+    full = np.asarray(m(tokens))
+    prefill, cache = m(tokens[:, :8], cache=m.init_cache(2, 16), last_only=True)
+    assert prefill.shape == (2, 1, V) and int(cache.step) == 8 and not cache.prefill
+    np.testing.assert_allclose(np.asarray(prefill[:, 0]), full[:, 7], atol=1e-5)
+    slots = jnp.where(jnp.arange(16) < 8, jnp.arange(16), -1)[None].repeat(2, 0)
+    for t in range(8, 12):  # one token per step, over the slots (MLA: absorbed weights)
+        slots = write_cache(slots, jnp.full((2, 1), t), cache.step)
+        pos = jnp.full((2, 1), t)
+        logits, cache = m(tokens[:, t:t + 1], pos, position_mask(pos, slots), cache=cache)
+        np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, t], atol=1e-4)
+    assert int(cache.step) == 12
+
+
 def test_attention_cache_is_keys_and_values_of_the_kv_heads(model):
-    for k, v in init_cache(model, 2, 16):  # window 16: a rolling buffer of 16 slots
+    for k, v in model.init_cache(2, 16).layers:  # window 16: a rolling buffer of 16 slots
         assert k.shape == v.shape == (2, 16, 2, 8)
 
 

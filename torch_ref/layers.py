@@ -1,6 +1,6 @@
 """The dense building blocks shared by torch_ref's model, MLA and MoE: config access, norms, RoPE,
-the causal sliding-window mask, attention (MHA / GQA / MQA) and the MLP. `model.py`, `mla.py` and
-`moe.py` import from here; this file imports none of them.
+the causal sliding-window mask, a layer's decoding cache, attention (MHA / GQA / MQA) and the MLP.
+`model.py`, `mla.py` and `moe.py` import from here; this file imports none of them.
 """
 from types import SimpleNamespace
 
@@ -46,6 +46,33 @@ def causal_mask(t, window=None):
     return allowed
 
 
+def write_cache(buf, new, step):
+    """Write new [B, T, ...] at time steps step.. into buf [B, S, ...], slot = time % S (keeps the last S)."""
+    S, T = buf.shape[1], new.shape[1]
+    if T > S:
+        new, step, T = new[:, T - S:], step + T - S, S
+    buf[:, (step + torch.arange(T, device=buf.device)) % S] = new.to(buf.dtype)
+    return buf
+
+
+class LayerCache:
+    """One layer's decoding cache: buffers [B, S, ...] (attention: keys and values; MLA: its latents)
+    and `step`, the time steps written so far. Time step t lives in slot t % S, so with a sliding
+    window the buffers are a rolling window of S = W slots."""
+
+    def __init__(self, *buffers):
+        self.buffers, self.step = buffers, 0
+
+    def update(self, *new):
+        """Write the new entries [B, T, ...]; returns what the new queries attend over: the new entries
+        themselves if the cache was empty (the prefill), else the whole buffers (a decoding step)."""
+        prefill = self.step == 0
+        for buf, entries in zip(self.buffers, new):
+            write_cache(buf, entries, self.step)
+        self.step += new[0].shape[1]
+        return new if prefill else self.buffers
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -58,8 +85,13 @@ class Attention(nn.Module):
         self.dropout = a.dropout
         self.rope_theta = cfg.position.rope_theta if cfg.position.kind == "rope" else None
 
-    def forward(self, x, positions, mask=None):
-        """mask [B or 1, T, T] (True: may attend) replaces the causal sliding window (TiDAR)."""
+    def init_cache(self, batch, size, dtype, device):
+        return LayerCache(*(torch.zeros(batch, size, self.n_kv_head, self.head_dim, dtype=dtype, device=device)
+                            for _ in range(2)))
+
+    def forward(self, x, positions, mask=None, cache=None):
+        """mask [B or 1, T, S] (True: may attend) replaces the causal sliding window (TiDAR, decoding).
+        cache: this layer's LayerCache of keys and values [B, S, K, H], updated in place."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # [B, N, T, H]
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, H]
@@ -67,6 +99,8 @@ class Attention(nn.Module):
         if self.rope_theta is not None:
             rope = rope_angles(positions, self.head_dim, self.rope_theta)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = (t.transpose(1, 2) for t in cache.update(k.transpose(1, 2), v.transpose(1, 2)))
         groups = self.n_head // self.n_kv_head  # query head n reads kv head n // groups
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         mask = causal_mask(T, self.window).to(x.device) if mask is None else mask[:, None]

@@ -5,6 +5,8 @@ kv_a_proj_with_mqa gives [c_kv | k_rope], kv_a_layernorm normalises c_kv, kv_b_p
 [k_nope | v]; the one rope key is shared by every head. Seed 004: q_proj_d / q_proj_u / rope_q for
 the queries, kv_proj_d / k_proj_u / v_proj_u for keys and values, rope_k gives a rope key per head
 from x; no latent norms. Scores use 1/sqrt(nope + rope), times mscale^2 under YaRN.
+
+Decoding caches the compressed latent (c_kv and the rotated rope key), not keys and values.
 """
 import math
 
@@ -12,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_ref.layers import causal_mask
+from torch_ref.layers import LayerCache, causal_mask
 
 
 def yarn_get_mscale(factor, mscale):
@@ -92,32 +94,70 @@ class MultiHeadLatentAttention(nn.Module):
             self.kv_b_proj = nn.Linear(c, n * (nope + hv), bias=False)
         self.o_proj = nn.Linear(n * hv, d, bias=a.out_bias)
 
-    def forward(self, x, positions, mask=None):
+    def init_cache(self, batch, size, dtype, device):
+        """The compressed cache: the normalised latent c_kv [B, S, C] and the rotated rope key
+        k_rope [B, S, heads, R] (one head for DeepSeek, N for seed 004)."""
+        m = self.mla
+        heads = self.n_head if m.variant == "seed004" else 1
+        return LayerCache(torch.zeros(batch, size, m.kv_lora_rank, dtype=dtype, device=device),
+                          torch.zeros(batch, size, heads, m.qk_rope_head_dim, dtype=dtype, device=device))
+
+    def project(self, x):
+        """x [B, T, D] -> q_nope [B, T, N, nope], q_rope [B, T, N, R], c_kv [B, T, C], k_rope [B, T, heads, R]."""
         B, T, _ = x.shape
         m, N = self.mla, self.n_head
-        nope, R, Hv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        nope, R = m.qk_nope_head_dim, m.qk_rope_head_dim
         if m.variant == "seed004":
             c_q = self.q_proj_d(x)
             q_nope = self.q_proj_u(c_q).view(B, T, N, nope)
             q_rope = self.rope_q(c_q).view(B, T, N, R)
-            c_kv = self.kv_proj_d(x)
-            k_nope = self.k_proj_u(c_kv).view(B, T, N, nope)
-            v = self.v_proj_u(c_kv).view(B, T, N, Hv)
-            k_rope = self.rope_k(x).view(B, T, N, R)  # one rope key per head
-        else:
-            q = self.q_proj(x) if m.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-            q_nope, q_rope = q.view(B, T, N, nope + R).split([nope, R], dim=-1)
-            c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, R], dim=-1)
-            kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, N, nope + Hv)
-            k_nope, v = kv.split([nope, Hv], dim=-1)
-            k_rope = k_rope.view(B, T, 1, R)  # one rope key shared by all heads
+            return q_nope, q_rope, self.kv_proj_d(x), self.rope_k(x).view(B, T, N, R)  # one rope key per head
+        q = self.q_proj(x) if m.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(B, T, N, nope + R).split([nope, R], dim=-1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, R], dim=-1)
+        return q_nope, q_rope, self.kv_a_layernorm(c_kv), k_rope.view(B, T, 1, R)  # one rope key shared by all heads
+
+    def up_weights(self):
+        """W_UK [N, nope, C] and W_UV [N, Hv, C]: the latent's up-projections to keys and values."""
+        m, N, C = self.mla, self.n_head, self.mla.kv_lora_rank
+        if m.variant == "seed004":
+            return self.k_proj_u.weight.view(N, m.qk_nope_head_dim, C), self.v_proj_u.weight.view(N, m.v_head_dim, C)
+        return self.kv_b_proj.weight.view(N, m.qk_nope_head_dim + m.v_head_dim, C).split(
+            [m.qk_nope_head_dim, m.v_head_dim], dim=1)
+
+    def forward(self, x, positions, mask=None, cache=None):
+        """mask [B or 1, T, S] (True: may attend) replaces the causal sliding window. cache: this layer's
+        LayerCache of latents (init_cache), updated in place; the prefill expands keys and values as
+        in training, a decoding step attends with the weights absorbed (W_UK into the query, W_UV
+        after the weighted sum), so keys and values are never expanded."""
+        B, T, _ = x.shape
+        m, N = self.mla, self.n_head
+        nope, R, Hv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        q_nope, q_rope, c_kv, k_rope = self.project(x)
         angles = (positions.float()[..., None] * rope_inv_freq(m, self.rope_theta))[:, :, None, :]  # [B, T, 1, R/2]
         amplitude = rope_amplitude(m)
         q_rope = apply_rope(q_rope, angles, amplitude, m.rope_layout)
         k_rope = apply_rope(k_rope, angles, amplitude, m.rope_layout)
-        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)                        # [B, N, T, nope+R]
-        k = torch.cat([k_nope, k_rope.expand(B, T, N, R)], dim=-1).transpose(1, 2)
-        mask = causal_mask(T, self.window).to(x.device) if mask is None else mask[:, None]
-        y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=softmax_scale(m),
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, N * Hv))
+        absorbed = cache is not None and cache.step > 0
+        if cache is not None:
+            c_kv, k_rope = cache.update(c_kv, k_rope)
+        S = c_kv.shape[1]
+        if absorbed:  # scores against c_kv itself
+            w_uk, w_uv = self.up_weights()
+            q_latent = torch.einsum("btnd,ndc->btnc", q_nope, w_uk)
+            scores = torch.einsum("btnc,bsc->bnts", q_latent, c_kv)
+            scores = scores + torch.einsum("btnr,bsnr->bnts", q_rope, k_rope.expand(B, S, N, R))
+            scores = (scores * softmax_scale(m)).masked_fill(~mask[:, None], float("-inf"))
+            o_latent = torch.einsum("bnts,bsc->btnc", scores.softmax(dim=-1), c_kv)
+            y = torch.einsum("btnc,ndc->btnd", o_latent, w_uv)
+        else:  # expand the latents to keys and values
+            if m.variant == "seed004":
+                k_nope, v = self.k_proj_u(c_kv).view(B, S, N, nope), self.v_proj_u(c_kv).view(B, S, N, Hv)
+            else:
+                k_nope, v = self.kv_b_proj(c_kv).view(B, S, N, nope + Hv).split([nope, Hv], dim=-1)
+            q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)                        # [B, N, T, nope+R]
+            k = torch.cat([k_nope, k_rope.expand(B, S, N, R)], dim=-1).transpose(1, 2)     # [B, N, S, nope+R]
+            mask = causal_mask(T, self.window).to(x.device) if mask is None else mask[:, None]
+            y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=softmax_scale(m),
+                                               dropout_p=self.dropout if self.training else 0.0).transpose(1, 2)
+        return self.o_proj(y.reshape(B, T, N * Hv))

@@ -51,9 +51,10 @@ class Block(nn.Module):
             f_x = self.rezero_alpha * f_x
         return x + f_x
 
-    def forward(self, x, positions, mask=None, router_noise=None):
-        """router_noise [B, T, E]: the noisy router's N(0, 1) draw in training, for an MoE layer."""
-        x = self.residual(x, self.attn(x if self.attn_norm is None else self.attn_norm(x), positions, mask))
+    def forward(self, x, positions, mask=None, router_noise=None, cache=None):
+        """router_noise [B, T, E]: the noisy router's N(0, 1) draw in training, for an MoE layer.
+        cache: this layer's attention cache (decoding)."""
+        x = self.residual(x, self.attn(x if self.attn_norm is None else self.attn_norm(x), positions, mask, cache))
         h = x if self.mlp_norm is None else self.mlp_norm(x)
         return self.residual(x, self.mlp(h, router_noise) if self.is_moe else self.mlp(h))
 
@@ -139,6 +140,24 @@ def tidar_mask(s, block_size, window=None):
     return mask
 
 
+class Cache:
+    """A decoding cache for the whole model, updated in place by each forward that is given it: one
+    LayerCache per layer (keys and values, or MLA's latents) and `positions` [B, S], the token
+    position held in each slot (-1: empty or padding), which the caller keeps to build its masks."""
+
+    def __init__(self, model, batch, size, dtype=torch.float32):
+        if model.recursion is not None:
+            raise ValueError(f"the KV cache does not support model.recursion.mode={model.cfg.recursion.mode!r} yet")
+        device = model.embed_tokens.weight.device
+        self.positions = torch.full((batch, size), -1, dtype=torch.long, device=device)
+        self.layers = [block.attn.init_cache(batch, size, dtype, device) for block in model.layers]
+
+    @property
+    def step(self):
+        """Time steps written so far; the next one goes to slot step % S."""
+        return self.layers[0].step
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -162,10 +181,11 @@ class Transformer(nn.Module):
     def moe_layers(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, tokens, positions=None, mask=None, router_noise=None):
-        """tokens [B, T] -> logits [B, T, V]; mask [B or 1, T, T] replaces the causal pattern;
+    def forward(self, tokens, positions=None, mask=None, router_noise=None, cache=None):
+        """tokens [B, T] -> logits [B, T, V]; mask [B or 1, T, S] replaces the causal pattern;
         router_noise [B, T, E]: in training, the noisy router's draw in every MoE layer (parity
-        tests; not with recursion)."""
+        tests; not with recursion). cache: a Cache, read and updated in place (decoding: the prefill,
+        then each step with its mask over the cache's slots; not with recursion)."""
         cfg = self.cfg
         for moe in self.moe_layers():  # what this forward records: a layer LayerDrop skips has none
             moe.aux_loss = moe.expert_load = None
@@ -176,7 +196,7 @@ class Transformer(nn.Module):
             x = x + self.embed_positions(positions)
         x = self.dropout(x)
         if self.recursion is None:
-            x = self.run_layers(self.layers, x, positions, mask, router_noise)
+            x = self.run_layers(self.layers, x, positions, mask, router_noise, cache)
         else:  # prelude, the looped core, coda
             assert router_noise is None, "router_noise is not supported with recursion"
             p, c = cfg.recursion.n_prelude, cfg.recursion.n_core
@@ -193,15 +213,16 @@ class Transformer(nn.Module):
         """LayerDrop: which of n layers run in this training forward (each skipped with probability model.layerdrop)."""
         return (torch.rand(n) >= self.cfg.layerdrop).tolist()
 
-    def run_layers(self, layers, x, positions, mask, router_noise=None):
+    def run_layers(self, layers, x, positions, mask, router_noise=None, cache=None):
         keep = self.layerdrop_keep(len(layers)) if self.training and self.cfg.layerdrop > 0 else [True] * len(layers)
-        for block, kept in zip(layers, keep):
+        caches = [None] * len(layers) if cache is None else cache.layers
+        for block, kept, layer_cache in zip(layers, keep, caches):
             if not kept:
                 continue  # LayerDrop: skip the whole layer
             if self.training and self.cfg.remat:
-                x = checkpoint(block, x, positions, mask, router_noise, use_reentrant=False)
+                x = checkpoint(block, x, positions, mask, router_noise, layer_cache, use_reentrant=False)
             else:
-                x = block(x, positions, mask, router_noise)
+                x = block(x, positions, mask, router_noise, layer_cache)
         return x
 
     def tidar_forward(self, tokens):

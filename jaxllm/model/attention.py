@@ -5,6 +5,8 @@ G query heads per kv head (N = K * G), H head dim.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -48,6 +50,41 @@ def write_cache(buf: jax.Array, new: jax.Array, step: jax.Array) -> jax.Array:
     return buf.at[:, (step + jnp.arange(t)) % s].set(new)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One layer's decode cache, as its attention's `__call__` takes and returns it: the buffers
+    [B, S, ...] its `init_cache` made (keys and values; MLA: c_kv and k_rope), and what the call
+    needs to know: `step`, the time step of the first new token (written at slot step mod S, see
+    `write_cache`), and `prefill` (static): the new tokens attend over themselves only (the cache
+    starts empty) rather than over every slot."""
+    buffers: tuple[jax.Array, ...]
+    step: jax.Array
+    prefill: bool = dataclasses.field(metadata=dict(static=True))
+
+    def write(self, *new: jax.Array) -> "LayerCache":
+        """The cache with new [B, T, ...] entries (one per buffer) written at time steps step.."""
+        return dataclasses.replace(self, buffers=tuple(write_cache(b, n, self.step) for b, n in zip(self.buffers, new)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeCache:
+    """The model's decode cache (`Transformer.init_cache`): each layer's buffers, and the `step` and
+    `prefill` that every layer's call shares (see LayerCache). The model returns it with the new
+    entries written, `step` advanced past them and `prefill` off: ready for the next call."""
+    layers: tuple[tuple[jax.Array, ...], ...]
+    step: jax.Array
+    prefill: bool = dataclasses.field(metadata=dict(static=True))
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self.layers[i], self.step, self.prefill)
+
+    def advanced(self, layers: list[LayerCache], t: int) -> "DecodeCache":
+        """The cache after a call of t new tokens that left the layers' caches `layers`."""
+        return DecodeCache(tuple(c.buffers for c in layers), self.step + t, False)
+
+
 def attend(q, k, v, *, window: int | None, mask: jax.Array | None = None,
            dropout: nnx.Dropout | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(H)) v for q [B,T,N,H], k and v [B,S,K,H]; returns [B,T,N,H].
@@ -88,10 +125,19 @@ class Attention(nnx.Module):
         self.window = a.window
         self.rope_theta = cfg.position.rope_theta if cfg.position.kind == "rope" else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
+                 cache: LayerCache | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
+        """x [B, T, D] -> [B, T, D]. With a decode `cache` (keys and values [B, S, K, H], see
+        LayerCache) the T new keys and values are written at time steps step.. and the output comes
+        with the updated cache: in a prefill the T queries attend over the T new keys (mask
+        [B, T, T] or causal), otherwise over the whole cache (mask [B, T, S])."""
         q, k, v = self.qkv(x, positions)
-        o = attend(q, k, v, window=self.window, mask=mask, dropout=self.dropout)
-        return self.o_proj("BTNH,NHD->BTD", o)
+        if cache is not None:
+            cache = cache.write(k, v)
+            if not cache.prefill:
+                k, v = cache.buffers
+        o = self.o_proj("BTNH,NHD->BTD", attend(q, k, v, window=self.window, mask=mask, dropout=self.dropout))
+        return o if cache is None else (o, cache)
 
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D] -> q [B, T, N, H] and k, v [B, T, K, H], rope applied."""
@@ -107,15 +153,3 @@ class Attention(nnx.Module):
         """Empty keys and values [B, S, K, H] for a decode cache of `size` slots."""
         shape = (batch, size, *self.k_proj.weight.shape[1:])
         return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-
-    def cached(self, x: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array], step: jax.Array,
-               mask: jax.Array, prefill: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Attention of x [B, T, D] with a KV cache (k, v [B, S, K, H]); the T new keys and values are
-        written at time steps step.. (`write_cache`). prefill: the T queries attend over the T new
-        keys, mask [B, T, T] (the cache starts empty); otherwise over the whole cache, mask [B, T, S]."""
-        q, k, v = self.qkv(x, positions)
-        k_cache, v_cache = write_cache(cache[0], k, step), write_cache(cache[1], v, step)
-        if not prefill:
-            k, v = k_cache, v_cache
-        o = attend(q, k, v, window=None, mask=mask)
-        return self.o_proj("BTNH,NHD->BTD", o), (k_cache, v_cache)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.attention import Attention
+from jaxllm.model.attention import Attention, LayerCache
 from jaxllm.model.mla import MultiHeadLatentAttention
 from jaxllm.model.mlp import MLP
 from jaxllm.model.moe import MoE, init_expert_loads
@@ -53,22 +53,18 @@ class Block(nnx.Module):
         return x + f_x
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
-                 router_noise: jax.Array | None = None) -> jax.Array:
-        """router_noise [B, T, E]: the noisy router's eps in training, for an MoE layer (see MoE)."""
+                 router_noise: jax.Array | None = None, *, cache: LayerCache | None = None):
+        """x [B, T, D] -> [B, T, D]; with a decode `cache` (the attention's, see LayerCache),
+        (x, the updated cache). router_noise [B, T, E]: the noisy router's eps in training, for an
+        MoE layer (see MoE)."""
         h = x if self.attn_norm is None else self.attn_norm(x)
-        x = self._residual(x, self.attn(h, positions, mask))
-        h = x if self.mlp_norm is None else self.mlp_norm(x)
-        return self._residual(x, self.mlp(h, router_noise) if isinstance(self.mlp, MoE) else self.mlp(h))
-
-    def cached(self, x: jax.Array, positions: jax.Array, cache, step: jax.Array, mask: jax.Array,
-               prefill: bool):
-        """The block with its attention reading and writing a decode cache (see Attention.cached);
-        returns (x, the updated cache)."""
-        h = x if self.attn_norm is None else self.attn_norm(x)
-        a, cache = self.attn.cached(h, positions, cache, step, mask, prefill)
+        a = self.attn(h, positions, mask, cache)
+        if cache is not None:
+            a, cache = a
         x = self._residual(x, a)
         h = x if self.mlp_norm is None else self.mlp_norm(x)
-        return self._residual(x, self.mlp(h)), cache
+        x = self._residual(x, self.mlp(h, router_noise) if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x if cache is None else (x, cache)
 
 
 class LayerDrop(nnx.Module):

@@ -23,12 +23,12 @@ Softmax scale 1/sqrt(nope + R), times mscale^2 under YaRN. MLA always rotates it
 `position.kind` says; learned positions, if set, are added to the embeddings as well (seed 004
 does both).
 
-The forward is split where a decode cache will sit: `latents` gives what is cached per token
+The forward is split where a decode cache sits: `latents` gives what is cached per token
 (the normalised c_kv and the rotated k_rope, (C + K*R) numbers), `attend_latents` expands them to
-keys and values and attends. `cached` keeps those latents in a decode cache and, for one new token,
-attends with the weights absorbed (§3.1): q_nope is mapped into the latent space by W_UK, scores are
-taken against c_kv directly, and the latent output is mapped back by W_UV; keys and values are
-never expanded.
+keys and values and attends. Given a decode cache, `__call__` keeps those latents in it and, in a
+decode step (one new token), attends with the weights absorbed (§3.1): q_nope is mapped into the
+latent space by W_UK, scores are taken against c_kv directly, and the latent output is mapped back
+by W_UV; keys and values are never expanded.
 
 Biases: `attention.qkv_bias` puts a bias on the projections that read x into latents
 (q_a_proj, kv_a_proj_with_mqa; seed 004: q_proj_d, kv_proj_d), as Hugging Face's
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import MLAConfig, ModelConfig
-from jaxllm.model.attention import attend, write_cache
+from jaxllm.model.attention import LayerCache, attend
 from jaxllm.model.embeddings import apply_rope
 from jaxllm.model.norms import RMSNorm
 from jaxllm.model.params import Einsum, dtypes
@@ -126,10 +126,21 @@ class MultiHeadLatentAttention(nnx.Module):
         self.dropout = nnx.Dropout(a.dropout, deterministic=True, rngs=rngs)
         self.mla, self.window, self.rope_theta = m, a.window, m.rope_theta
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
+                 cache: LayerCache | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
+        """x [B, T, D] -> [B, T, D]. With a decode `cache` (the compressed one, c_kv [B, S, C] and
+        k_rope [B, S, K, R], see LayerCache) the new latents are written at time steps step.. and
+        the output comes with the updated cache: in a prefill the T queries attend over the T new
+        latents (expanded, as in training; mask [B, T, T] or causal), otherwise with absorbed
+        weights over the whole cache (mask [B, T, S])."""
         q = self.queries(x, positions)
         c_kv, k_rope = self.latents(x, positions)
-        return self.attend_latents(q, c_kv, k_rope, mask)
+        if cache is None:
+            return self.attend_latents(q, c_kv, k_rope, mask)
+        cache = cache.write(c_kv, k_rope)
+        if cache.prefill:
+            return self.attend_latents(q, c_kv, k_rope, mask), cache
+        return self.attend_absorbed(q, *cache.buffers, mask), cache
 
     def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """Rotate the rope dims x [B, T, N|K, R] by positions [B, T], in float32.
@@ -207,19 +218,6 @@ class MultiHeadLatentAttention(nnx.Module):
             return self.k_proj_u.weight[...], self.v_proj_u.weight[...]
         w = self.kv_b_proj.weight[...]
         return w[..., :self.mla.qk_nope_head_dim], w[..., self.mla.qk_nope_head_dim:]
-
-    def cached(self, x: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array], step: jax.Array,
-               mask: jax.Array, prefill: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """MLA with the compressed cache (c_kv [B, S, C], k_rope [B, S, K, R]); the new latents are
-        written at time steps step.. (`write_cache`). prefill: the T queries attend over the T new
-        latents (expanded, as in training; mask [B, T, T]); otherwise absorbed attention over the
-        cache (mask [B, T, S])."""
-        q = self.queries(x, positions)
-        c_kv, k_rope = self.latents(x, positions)
-        cache = (write_cache(cache[0], c_kv, step), write_cache(cache[1], k_rope, step))
-        if prefill:
-            return self.attend_latents(q, c_kv, k_rope, mask), cache
-        return self.attend_absorbed(q, *cache, mask), cache
 
     def attend_absorbed(self, q: jax.Array, c_kv: jax.Array, k_rope: jax.Array, mask: jax.Array) -> jax.Array:
         """Weight-absorbed attention of q [B, T, N, nope + R] over latents c_kv [B, S, C] and

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
+from jaxllm.model.attention import DecodeCache
 from jaxllm.model.blocks import Block, LayerDrop, RecursiveBlock
 from jaxllm.model.embeddings import Embed
 from jaxllm.model.moe import init_expert_loads
@@ -45,6 +46,13 @@ class Transformer(nnx.Module):
     `router_noise` [B, T, E] replaces the noisy router's random draw in every MoE layer in training,
     so that two implementations can be fed the same noise (parity tests; not with recursion).
 
+    With a decode `cache` (`init_cache`; see DecodeCache) the same forward serves a prefill and
+    every decode step: each layer writes the new tokens' keys and values (MLA: latents) at time
+    steps cache.step.. and the call returns (logits, the updated cache). A prefill attends over the
+    new tokens (mask [B, T, T], or causal); a step over the cache slots, so it needs the mask
+    [B, T, S] of the slots (decode.py builds it from the slots' positions). `last_only`: the final
+    norm and head on the last position only, logits [B, 1, V] (what a decode step samples from).
+
     The model is built in eval mode (no dropout, no LayerDrop); call `.train()` to train. Only a
     training forward records anything (MoE aux losses and expert loads): an eval forward mutates
     nothing.
@@ -65,16 +73,29 @@ class Transformer(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
         self.lm_head_bias = param(None, (cfg.vocab_size,), ("vocab",), "zeros") if cfg.lm_head_bias else None
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 mask: jax.Array | None = None, router_noise: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
+                 *, cache: DecodeCache | None = None, router_noise: jax.Array | None = None,
+                 last_only: bool = False) -> jax.Array | tuple[jax.Array, DecodeCache]:
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            if cache is not None:
+                positions = positions + cache.step
         x = self.embed_tokens(tokens)
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         x = self.dropout(x)
-        if self.recursion is None:
+        if cache is not None:
+            if self.recursion is not None:
+                raise ValueError("a decode cache is not supported with model.recursion yet")
+            if mask is None and not cache.prefill:
+                raise ValueError("a decode step needs the mask [B, T, S] of the cache slots")
+            layer_caches = []
+            for i, block in enumerate(self.layers):
+                x, layer_cache = block(x, positions, mask, router_noise, cache=cache.layer(i))
+                layer_caches.append(layer_cache)
+            cache = cache.advanced(layer_caches, tokens.shape[1])
+        elif self.recursion is None:
             x = self._run_layers(self.layers, x, positions, mask, router_noise)
         else:  # prelude, the looped core, coda
             if router_noise is not None:
@@ -86,11 +107,19 @@ class Transformer(nnx.Module):
             if not self.recursion.deterministic:  # training: the core's aux losses, for lm_loss
                 self.sow(AuxLoss, "recursion_aux_losses", aux)
             x = self._run_layers(self.layers[core_end:], x, positions, mask)
-        x = self.final_norm(x)
+        x = self.final_norm(x[:, -1:] if last_only else x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         if self.lm_head_bias is not None:
             logits = logits + self.lm_head_bias[...].astype(logits.dtype)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, cache)
+
+    def init_cache(self, batch: int, size: int) -> DecodeCache:
+        """An empty decode cache of `size` slots per layer (each attention's `init_cache`, in the
+        embedding's compute dtype), set for a prefill at time step 0."""
+        dtype = self.embed_tokens.dtype
+        return DecodeCache(tuple(block.attn.init_cache(batch, size, dtype) for block in self.layers),
+                           jnp.int32(0), True)
 
     def _run_layers(self, layers, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
                     router_noise: jax.Array | None = None) -> jax.Array:
