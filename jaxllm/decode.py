@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxllm.errors import DecodeError
 
+from jaxllm.errors import DecodeError
 from jaxllm.model.attention import position_mask, write_cache
 
 
