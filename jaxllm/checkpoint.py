@@ -146,7 +146,7 @@ def load_model(run_dir: Path, step: int | None = None, mesh: jax.sharding.Mesh |
     from flax import nnx
 
     from jaxllm.config import load_config
-    from jaxllm.model import Transformer
+    from jaxllm.model.transformer import abstract_model
     from jaxllm.sharding import state_shardings
 
     run_dir = Path(run_dir)
@@ -157,7 +157,7 @@ def load_model(run_dir: Path, step: int | None = None, mesh: jax.sharding.Mesh |
         raise DataError(f"run directory {str(run_dir)!r} has no checkpoint")
     cfg = load_config(run_dir / "config.yaml")
     mesh = inference_mesh(cfg.train.mesh) if mesh is None else mesh
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))))
+    graphdef, abstract = nnx.split(abstract_model(cfg.model, cfg.train.seed))
     shardings = state_shardings(abstract, mesh)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     checkpointer = Checkpointer(run_dir / "checkpoints", create=False)

@@ -27,9 +27,9 @@ def flops_per_token(model_cfg, seq: int) -> float:
     """
     from flax import nnx
 
-    from jaxllm.model import Transformer
+    from jaxllm.model.transformer import abstract_model
 
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(model_cfg)
     moe, rec = model_cfg.moe, model_cfg.recursion
     core_calls = 1
     core_layers = range(0)

@@ -18,9 +18,9 @@ def count_params(model_cfg) -> int:
     import jax
     from flax import nnx
 
-    from jaxllm.model import Transformer
+    from jaxllm.model.transformer import abstract_model
 
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(model_cfg)
     return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 

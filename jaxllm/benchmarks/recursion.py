@@ -21,9 +21,10 @@ def step_temp_bytes(model_cfg, batch: int, seq: int) -> int:
     import jax
     from flax import nnx
 
-    from jaxllm.model import Transformer, lm_loss
+    from jaxllm.model import lm_loss
+    from jaxllm.model.transformer import abstract_model
 
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(model_cfg)
     graphdef, state = nnx.split(abstract)
     tokens = jax.ShapeDtypeStruct((batch, seq), jax.numpy.int32)
 

@@ -589,7 +589,8 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], expected: dict[str, tuple[in
 def model_from_hf_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, family: str, seed: int = 0):
     """The jaxllm Transformer of `cfg` holding HF `tensors`, built abstractly: no random init is
     drawn (`jaxllm.convert.state_dict.materialize`); `seed` seeds its RNG streams."""
-    from jaxllm.convert.state_dict import abstract_model, materialize, state_dict_shapes
+    from jaxllm.convert.state_dict import materialize, state_dict_shapes
+    from jaxllm.model.transformer import abstract_model
 
     abstract = abstract_model(cfg, seed)
     return materialize(abstract, from_hf_tensors(tensors, state_dict_shapes(abstract), family), seed)

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.files import atomic_path
 from jaxllm.errors import ConversionError
+from jaxllm.files import atomic_path
 from jaxllm.model.params import Buffer
+from jaxllm.model.transformer import abstract_model
 
 # Projection name -> how many leading dims of the jaxllm weight are input dims.
 LINEAR_IN_DIMS = {
@@ -125,14 +126,6 @@ def from_state_dict(model, state_dict: Mapping[str, object]) -> None:
     values = _checked_values(params, state_dict)  # all checked before anything is written
     for key, var in params.items():
         var[...] = jnp.asarray(values[key], dtype=var.dtype)
-
-
-def abstract_model(model_cfg, seed: int = 0):
-    """The jaxllm Transformer of `model_cfg` built by `nnx.eval_shape`: every variable is a
-    ShapeDtypeStruct and no random number is drawn."""
-    from jaxllm.model import Transformer
-
-    return nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
 
 
 def state_dict_shapes(model) -> dict[str, tuple[int, ...]]:

@@ -137,6 +137,12 @@ class Transformer(nnx.Module):
         return x
 
 
+def abstract_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """The Transformer of `cfg` built by `nnx.eval_shape`: every variable a ShapeDtypeStruct, no
+    random number drawn (for shapes, parameter counts, shardings, and loading weights into)."""
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+
 class LMHead(nnx.Module):
     """An untied output projection [D, V]."""
 
