@@ -1,30 +1,27 @@
-"""Decoding: KV caches, one jitted prefill + `lax.while_loop` per (batch, length bucket), and
-the sampling controls (greedy, temperature, top-k, top-p, min-p, repetition penalty, EOS and stop
-sequences). docs/sampling.md is the user's guide.
+"""Decoding: KV caches, one jitted prefill + `lax.while_loop` per (batch, length bucket), the
+sampling controls (greedy, temperature, top-k, top-p, min-p, repetition penalty, EOS and stop
+sequences) and TiDAR self-speculative decoding. docs/sampling.md is the user's guide.
 
 Letters: B batch, T new positions, S cache slots, V vocab, M stop sequences, L their length.
 
-Caches (one per layer, made by the layer's `init_cache`; `model.init_cache` gathers them in a
-`DecodeCache`, and the model's one forward, `model(tokens, positions, mask, cache=...)`, fills it):
-- MHA / GQA / MQA: keys and values [B, S, K, H];
-- MLA: the compressed cache, normalised c_kv [B, S, C] and rotated k_rope [B, S, K, R]
-  (K = 1 for DeepSeek): C + R numbers per token and layer; steps attend with absorbed weights.
-Every slot's token position is kept once for all layers, `slot_positions` [B, S] (-1: empty or
-padding), and the attention mask of every step is built from it (`position_mask`): a query at
-position i sees the slots holding positions i - W + 1 .. i. Time step t goes to slot t mod S, so
-with a sliding window of W the cache is a rolling buffer of S = W slots; without one S covers the
-prompt bucket plus the new tokens.
+The model's one forward does every step: `model(tokens, positions, groups=..., cache=..., write=...)`
+fills the cache (`model.init_cache`: per layer keys and values [B, S, K, H], or MLA's compressed
+c_kv [B, S, C] and k_rope [B, S, K, R]; each slot's position; each row's committed length) and
+builds the attention mask from positions itself. Time step t goes to slot t mod S, so with a
+sliding window of W the cache is a rolling buffer of S = W slots (+ B slack slots for TiDAR);
+without one S covers the prompt bucket plus the new tokens.
 
-Batches of prompts of different lengths are left-padded to a common bucket P (a power of two):
-every row writes the same slot each step, and each row's positions start at 0 at its first real
-token. The prompt is prefilled in one forward; then one token per step, all inside one
-`jax.jit` (the cache never leaves the device). Streaming, when asked for, is a
-`jax.debug.callback` per step; without it the loop has no host round trip.
+Batches of prompts of different lengths are left-padded to a common bucket P (a power of two),
+position -1 marking padding; each row's positions start at 0 at its first real token. The loop
+state is a `LoopState`; `prefill` and `step` (`ar_step`: one token per row, cached or a full
+recompute; `tidar_step`: verify B drafts and draft the next B in one forward) are functions of it.
+Without streaming, prefill and every step run inside one `jax.jit` (the cache never leaves the
+device); with `on_token` the loop returns to the host after each forward.
 
 `generate(..., cached=False)` recomputes the full window each step with `model(tokens)`: the
-reference the cached path is tested against, and the path for models the cache does not cover yet
-(model.recursion). A TiDAR model (model.diffusion) decodes autoregressively like any causal model,
-with its [MASK] id never sampled; TiDAR's self-speculative decoding is not built yet.
+reference the cached path is tested against. A TiDAR model (model.diffusion) decodes
+autoregressively like any causal model, with its [MASK] id never sampled, or self-speculatively
+with `speculative=TiDAR(block, beta)`.
 """
 from __future__ import annotations
 
@@ -39,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.errors import DecodeError
-from jaxllm.model.attention import position_mask, write_cache
+from jaxllm.model.attention import DecodeCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,154 +135,330 @@ def next_token(logits: jax.Array, seen: jax.Array, s: dict[str, jax.Array], key:
 # The cache
 
 
-def check_cacheable(cfg) -> None:
-    """The KV cache covers stacks of layers run once each; a looped core must decode with
-    cached=False (full recompute) for now. (A TiDAR model decodes as the causal model it also is.)"""
-    if cfg.recursion.mode != "none":
-        raise DecodeError(f"the KV cache does not support model.recursion.mode={cfg.recursion.mode!r} yet; "
-                          f"decode without the cache (--no-cache)")
-
-
 def never_sampled(cfg, logits: jax.Array) -> jax.Array:
     """TiDAR's [MASK] id is an input of training, never an output: its logit goes to -inf."""
     if not cfg.diffusion.enabled:
         return logits
     from jaxllm.model.diffusion import mask_token_id
 
-    return logits.at[:, mask_token_id(cfg)].set(NEG_INF)
+    return logits.at[..., mask_token_id(cfg)].set(NEG_INF)
 
 
-def cache_size(cfg, total: int) -> int:
-    """Slots per layer: every step of the bucket, or the last `window` of them (a rolling buffer)."""
+def cache_size(cfg, total: int, slack: int = 0) -> int:
+    """Slots per layer: every time step of the bucket, or the last `window` of them (a rolling
+    buffer), plus `slack` slots for the drafts a TiDAR step writes past the committed length."""
     window = cfg.attention.window
-    return total if window is None else min(window, total)
+    return (total if window is None else min(window, total)) + slack
 
 
-def forward_step(model, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache):
-    """The model's forward with the cache, logits of the last position only: float32 [B, V] and
-    the updated cache."""
-    logits, cache = model(tokens, positions, mask, cache=cache, last_only=True)
-    return logits[:, 0], cache
+@dataclasses.dataclass(frozen=True)
+class TiDAR:
+    """TiDAR self-speculative decoding (papers.md §1.3, docs/sampling.md): each forward verifies
+    the last block's drafts and drafts the next block for every possible acceptance. `block`: the
+    draft length B (any B >= 1; a B(1+B)-token forward per step); `beta`: how much the verifier
+    trusts the AR logits over the diffusion ones (1: exactly the AR model's tokens)."""
+    block: int = 8
+    beta: float = 1.0
+
+    def validate(self, cfg) -> "TiDAR":
+        if not cfg.diffusion.enabled:
+            raise DecodeError("speculative TiDAR decoding needs a model trained with model.diffusion.enabled; "
+                              "this model has no diffusion head")
+        if not 1 <= self.block <= 64:
+            raise DecodeError(f"block is {self.block!r}; allowed: an integer in 1..64")
+        if not 0.0 <= self.beta <= 1.0:
+            raise DecodeError(f"beta is {self.beta!r}; allowed: a number in [0, 1]")
+        return self
+
+
+@dataclasses.dataclass
+class DecodeStats:
+    """What speculative decoding did, per row: `accepted[b]` the number of drafts accepted at each
+    forward after the prefill (each forward emits that many + 1 tokens)."""
+    block: int
+    accepted: list[list[int]]
+
+    @property
+    def forwards(self) -> int:
+        return sum(len(a) for a in self.accepted)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return sum(n + 1 for a in self.accepted for n in a) / max(self.forwards, 1)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts over offered drafts (B - 1 per forward)."""
+        return sum(sum(a) for a in self.accepted) / max(self.forwards * (self.block - 1), 1)
+
+    def histogram(self) -> list[int]:
+        """How many forwards accepted 0, 1, ..., B - 1 drafts."""
+        counts = [0] * self.block
+        for a in self.accepted:
+            for n in a:
+                counts[n] += 1
+        return counts
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
-
-_stream_handler: list[Callable | None] = [None]
+# The loop: a prefill, then steps, each a function of the loop state
 
 
-def _stream(tokens, active) -> None:
-    handler = _stream_handler[0]
-    if handler is not None:
-        handler(np.asarray(tokens), np.asarray(active))
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the compiled loop is specialised on (static)."""
+    capacity: int  # new tokens the output buffer holds (a power of two)
+    cached: bool
+    padded: bool  # prompts of different lengths (left padding)
+    tidar: TiDAR | None
 
 
-def _eval_model(graphdef, state):
-    """A fresh eval-mode module of the state (an eval forward mutates nothing, so the decode loop
-    reuses it at every step)."""
-    model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
-    model.eval()
-    return model
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One call's inputs, as arrays: prompts [B, P] left-padded, their lengths [B], the traced
+    sampling settings, EOS (-1: none), stop sequences [M, L] (right-aligned, -1 padded), the key."""
+    prompts: jax.Array
+    lengths: jax.Array
+    max_new: jax.Array
+    sampling: dict
+    eos_id: jax.Array
+    stops: jax.Array
+    key: jax.Array
+
+    def positions(self, width: int) -> jax.Array:
+        """[B, width] positions of the left-padded time steps 0..width-1 (-1: padding)."""
+        positions = jnp.arange(width)[None] - (self.prompts.shape[1] - self.lengths)[:, None]
+        return jnp.where(positions >= 0, positions, -1)
 
 
-def _compute_state(graphdef, state):
-    """The state with every matmul weight already in its layer's compute dtype. Layers cast their
-    float32 weights at each use (`weight.astype(dtype)`); done once here, before the loop, each step
-    reads bfloat16 weights instead of reading float32 and converting: half the memory traffic of
-    a decode step, with the same numbers (the same cast, done earlier). Norms and routers, which
-    compute in float32, keep their float32 weights."""
-    from jaxllm.model.embeddings import Embed
-    from jaxllm.model.moe import RoutedExperts
-    from jaxllm.model.params import Einsum
-    from jaxllm.model.transformer import LMHead
-
-    model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables: the caller's stay as they are
-    for _, module in nnx.iter_modules(model):
-        if not isinstance(module, (Einsum, Embed, LMHead, RoutedExperts)):  # the layers that cast at use
-            continue
-        dtype = module.dtype
-        for name in ("weight", "bias", "gate_proj", "up_proj", "down_proj"):
-            var = getattr(module, name, None)
-            if isinstance(var, nnx.Param) and jnp.issubdtype(var.dtype, jnp.floating) and var.dtype != dtype:
-                var.set_value(var[...].astype(dtype))
-    return nnx.state(model)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoopState:
+    """What the decode loop carries from step to step."""
+    t: jax.Array  # forwards run after the prefill
+    logits: jax.Array  # [B, V] the next token's logits (plain decoding)
+    cache: DecodeCache | None  # the KV cache (cached decoding)
+    context: jax.Array | None  # [B, P + capacity] prompt and output so far (full recompute)
+    out: jax.Array  # [B, L-1 + capacity]: L-1 columns of -2, then the new tokens
+    count: jax.Array  # [B] tokens emitted
+    seen: jax.Array  # [B, V] tokens in the prompt or the output (repetition penalty)
+    done: jax.Array  # [B]
+    draft: jax.Array | None  # [B, block] TiDAR: the pending token and the drafts after it
+    accepted: jax.Array | None  # [B, capacity] TiDAR: drafts accepted at each forward (-1: none)
 
 
-def _stop_hit(out: jax.Array, t: jax.Array, stops: jax.Array) -> jax.Array:
-    """[B]: does the output end with one of the stop sequences? out [B, L-1+N] holds L-1 columns
-    of -2 then the new tokens (token t at column L-1+t); stops [M, L] are right-aligned, -1 padded."""
-    tail = jax.lax.dynamic_slice_in_dim(out, t, stops.shape[1], axis=1)  # [B, L]
-    match = (stops[None] == -1) | (tail[:, None] == stops[None])  # [B, M, L]
-    return jnp.any(jnp.all(match, axis=-1), axis=-1)
+def _stop_hit(out: jax.Array, end: jax.Array, stops: jax.Array) -> jax.Array:
+    """[B]: does row b's output end, at its new token number end[b], with one of the stop
+    sequences? out [B, L-1+N] (new token t at column L-1+t); stops [M, L] right-aligned, -1 padded."""
+    def row(r, e):
+        tail = jax.lax.dynamic_slice_in_dim(r, e, stops.shape[1])  # [L]
+        return jnp.any(jnp.all((stops == -1) | (tail[None] == stops), axis=-1))
+    return jax.vmap(row)(out, end)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "cached", "padded", "stream", "max_seq_len"))
-def _generate(graphdef, state, prompts, lengths, max_new, sampling, eos_id, stops, key, *,
-              capacity: int, cached: bool, padded: bool, stream: bool, max_seq_len: int):
-    """prompts [B, P] left-padded, lengths [B] -> (tokens [B, capacity], counts [B])."""
-    state = _compute_state(graphdef, state)
-    model = _eval_model(graphdef, state)
+def emit(state: LoopState, req: Request, tokens: jax.Array, n: jax.Array) -> LoopState:
+    """The state after each unfinished row b emits tokens[b, :n[b]] (tokens [B, K]), cut at the
+    first token that ends the row: EOS, a stop sequence, or max_new tokens in all."""
+    b, k = tokens.shape
+    n_stop = req.stops.shape[1]
+    rows = jnp.arange(b)[:, None]
+    index = state.count[:, None] + jnp.arange(k)  # [B, K] output index of each token
+    out = state.out.at[rows, n_stop - 1 + index].set(tokens, mode="drop")
+    ends = (tokens == req.eos_id) | jax.vmap(lambda i: _stop_hit(out, i, req.stops), 1, 1)(index)
+    ends |= index + 1 >= req.max_new
+    offered = jnp.arange(k)[None] < n[:, None]
+    first_end = jnp.min(jnp.where(ends & offered, jnp.arange(k)[None], k), axis=1)
+    emitted = jnp.where(state.done, 0, jnp.minimum(n, first_end + 1))
+    kept = jnp.arange(k)[None] < emitted[:, None]
+    seen = state.seen.at[rows, jnp.where(kept, tokens, state.seen.shape[1])].set(True, mode="drop")
+    return dataclasses.replace(state, out=out, count=state.count + emitted, seen=seen,
+                               done=state.done | (first_end < n))
+
+
+def _empty_state(model, req: Request, plan: Plan, logits, cache, context) -> LoopState:
     cfg = model.cfg
-    b, p = prompts.shape
-    n_stop = stops.shape[1]
-    pad = p - lengths
-    if cached:
-        time = jnp.arange(p)
-        slot_pos = jnp.full((b, cache_size(cfg, p + capacity)), -1, jnp.int32)
-        positions = time[None] - pad[:, None]
-        valid = jnp.where(positions >= 0, positions, -1)
-        mask = position_mask(valid, valid, cfg.attention.window) | jnp.eye(p, dtype=bool)  # padding sees itself
-        cache = model.init_cache(b, slot_pos.shape[1])
-        logits, cache = forward_step(model, prompts, jnp.maximum(positions, 0), mask, cache)
-        mode_state = (cache, write_cache(slot_pos, valid, jnp.int32(0)))
-    else:
-        full = jnp.concatenate([prompts, jnp.zeros((b, capacity), jnp.int32)], axis=1)
-        positions = jnp.arange(p + capacity)[None] - pad[:, None]
-        valid = jnp.where(positions >= 0, positions, -1)
-        full_mask = (position_mask(valid, valid, cfg.attention.window) | jnp.eye(p + capacity, dtype=bool)
-                     if padded else None)
-        full_positions = jnp.clip(positions, 0, max_seq_len - 1)
-
-        def full_logits(tokens, t):
-            logits = model(tokens, full_positions, full_mask)
-            return jax.lax.dynamic_index_in_dim(logits, p - 1 + t, axis=1, keepdims=False)
-
-        logits = full_logits(full, 0)
-        mode_state = full
-
-    in_prompt = jnp.where(jnp.arange(p)[None] >= pad[:, None], prompts, cfg.vocab_size)  # padding: dropped
+    b, p = req.prompts.shape
+    in_prompt = jnp.where(jnp.arange(p)[None] >= (p - req.lengths)[:, None], req.prompts, cfg.vocab_size)
     seen = jnp.zeros((b, cfg.vocab_size), bool).at[jnp.arange(b)[:, None], in_prompt].set(True, mode="drop")
-    out = jnp.full((b, n_stop - 1 + capacity), -2, jnp.int32)
-    carry = (jnp.int32(0), logits, mode_state, out, seen, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+    out = jnp.full((b, req.stops.shape[1] - 1 + plan.capacity), -2, jnp.int32)
+    accepted = None if plan.tidar is None else jnp.full((b, plan.capacity), -1, jnp.int32)
+    return LoopState(jnp.int32(0), logits, cache, context, out, jnp.zeros((b,), jnp.int32), seen,
+                     jnp.zeros((b,), bool), None, accepted)
 
-    def cond(carry):
-        t, *_, done, _ = carry
-        return (t < max_new) & ~jnp.all(done)
 
-    def body(carry):
-        t, logits, mode_state, out, seen, done, counts = carry
-        token = next_token(never_sampled(cfg, logits), seen, sampling, jax.random.fold_in(key, t))
-        token = jnp.where(done, 0, token)
-        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], n_stop - 1 + t, axis=1)
-        counts = counts + (~done).astype(jnp.int32)
-        seen = seen.at[jnp.arange(b), token].set(True)
-        if stream:
-            jax.debug.callback(_stream, token, ~done, ordered=True)
-        done = done | (token == eos_id) | _stop_hit(out, t, stops)
-        if cached:
-            cache, slot_pos = mode_state
-            q_pos = (lengths + t)[:, None]
-            slot_pos = write_cache(slot_pos, q_pos, cache.step)  # cache.step = p + t
-            mask = position_mask(q_pos, slot_pos, cfg.attention.window)
-            logits, cache = forward_step(model, token[:, None], q_pos, mask, cache)
-            mode_state = (cache, slot_pos)
-        else:
-            mode_state = jax.lax.dynamic_update_slice_in_dim(mode_state, token[:, None], p + t, axis=1)
-            logits = full_logits(mode_state, t + 1)
-        return t + 1, logits, mode_state, out, seen, done, counts
+def prefill(model, req: Request, plan: Plan) -> LoopState:
+    """The prompt in one forward: the first token's logits (and the filled cache)."""
+    b, p = req.prompts.shape
+    positions = req.positions(p)
+    if plan.tidar is not None:
+        return tidar_prefill(model, req, plan)
+    if not plan.cached:
+        context = jnp.concatenate([req.prompts, jnp.zeros((b, plan.capacity), jnp.int32)], axis=1)
+        state = _empty_state(model, req, plan, None, None, context)
+        return dataclasses.replace(state, logits=recompute_logits(model, req, plan, context, jnp.int32(0)))
+    cache = model.init_cache(b, cache_size(model.cfg, p + plan.capacity))
+    logits, cache = model(req.prompts, positions, cache=cache, last_only=True)
+    return _empty_state(model, req, plan, logits[:, 0], cache, None)
 
-    t, _, _, out, _, _, counts = jax.lax.while_loop(cond, body, carry)
-    return out[:, n_stop - 1:], counts
+
+def recompute_logits(model, req: Request, plan: Plan, context: jax.Array, t: jax.Array) -> jax.Array:
+    """The next token's logits [B, V] from a full forward of the context (no cache)."""
+    p = req.prompts.shape[1]
+    positions = req.positions(context.shape[1]) if plan.padded else None
+    logits = model(context, positions)
+    return jax.lax.dynamic_index_in_dim(logits, p - 1 + t, axis=1, keepdims=False)
+
+
+def ar_step(model, req: Request, plan: Plan, state: LoopState) -> LoopState:
+    """One token per row from the logits, then the next logits: one cached forward of the new
+    token, or a full recompute of the context."""
+    cfg = model.cfg
+    key = jax.random.fold_in(req.key, state.t)
+    token = next_token(never_sampled(cfg, state.logits), state.seen, req.sampling, key)
+    state = emit(state, req, token[:, None], jnp.ones_like(token))
+    if plan.cached:
+        positions = (req.lengths + state.t)[:, None]
+        logits, cache = model(token[:, None], positions, cache=state.cache, last_only=True)
+        return dataclasses.replace(state, t=state.t + 1, logits=logits[:, 0], cache=cache)
+    p = req.prompts.shape[1]
+    context = jax.lax.dynamic_update_slice_in_dim(state.context, token[:, None], p + state.t, axis=1)
+    return dataclasses.replace(state, t=state.t + 1, context=context,
+                               logits=recompute_logits(model, req, plan, context, state.t + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# TiDAR: one forward verifies the drafts and drafts the next block (docs/sampling.md)
+
+
+def tidar_layout(block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The step's token layout [d_0..d_{B-1} | M^(0) | ... | M^(B-1)]: each token's position
+    offset from d_0's and its group (0: the drafts; j + 1: the mask block M^(j), which drafts for
+    the hypothesis that d_1..d_j are accepted)."""
+    j, k = np.divmod(np.arange(block * block), block)
+    offsets = np.concatenate([np.arange(block), j + 1 + k]).astype(np.int32)
+    groups = np.concatenate([np.zeros(block), j + 1]).astype(np.int32)
+    return offsets, groups
+
+
+def _mask_id(cfg) -> int:
+    from jaxllm.model.diffusion import mask_token_id
+
+    return mask_token_id(cfg)
+
+
+def tidar_prefill(model, req: Request, plan: Plan) -> LoopState:
+    """The prompt plus one block of B mask tokens at the positions after it (they see the whole
+    prompt and each other); only the prompt is written to the cache. The first token d_0 is
+    picked from the mix of the last prompt token's logits and the first mask's, the drafts
+    d_1.. are the argmax of the others."""
+    cfg, tidar = model.cfg, plan.tidar
+    b, p = req.prompts.shape
+    block = tidar.block
+    tokens = jnp.concatenate([req.prompts, jnp.full((b, block), _mask_id(cfg), jnp.int32)], axis=1)
+    positions = jnp.concatenate([req.positions(p), req.lengths[:, None] + jnp.arange(block)], axis=1)
+    groups = jnp.concatenate([jnp.zeros(p, jnp.int32), jnp.ones(block, jnp.int32)])[None]
+    cache = model.init_cache(b, cache_size(cfg, p + plan.capacity, slack=block))
+    logits, cache = model(tokens, positions, groups=groups, cache=cache, write=p)
+    drafts = logits[:, p:]  # [B, block, V]
+    state = _empty_state(model, req, plan, None, cache, None)
+    mixed = tidar.beta * logits[:, p - 1] + (1 - tidar.beta) * drafts[:, 0]
+    d0 = next_token(never_sampled(cfg, mixed), state.seen, req.sampling, jax.random.fold_in(req.key, plan.capacity))  # steps use 0..capacity-1
+    draft = jnp.concatenate([d0[:, None], jnp.argmax(never_sampled(cfg, drafts[:, 1:]), axis=-1)], axis=1)
+    state = emit(state, req, d0[:, None], jnp.ones_like(d0))
+    return dataclasses.replace(state, draft=draft.astype(jnp.int32))
+
+
+def verify(targets: jax.Array, draft: jax.Array, seen: jax.Array, s: dict, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """How many drafts to accept and the token after them: targets [B, K, V] are the verifier's
+    logits at d_0..d_{K-1} (target j predicts d_{j+1}), draft [B, K]. Returns n [B] (0..K-1) and
+    the correction (or, when all K-1 are accepted, bonus) token y [B].
+
+    Greedy (temperature 0): accept while d_{j+1} is the argmax of target j. Sampling: the drafts
+    are argmax tokens, a one-hot draft distribution, so exact speculative sampling is: accept
+    d_{j+1} with probability p_j(d_{j+1}); at the first rejection draw from p_j with d_{j+1}
+    removed; after K-1 acceptances draw from p_{K-1}. This draws exactly from the target model
+    (our choice: the paper gives no stochastic rule). p_j has the sampling controls applied,
+    with the repetition penalty seeing d_0..d_j as well."""
+    b, k, v = targets.shape
+    seen_j = seen[:, None] | (jnp.cumsum(jax.nn.one_hot(draft, v, dtype=jnp.int32), axis=1) > 0)  # [B, K, V]
+    logits = apply_repetition_penalty(targets, seen_j, s["repetition_penalty"]).reshape(b * k, v)
+    nxt = jnp.concatenate([draft[:, 1:], jnp.zeros((b, 1), draft.dtype)], axis=1)  # d_{j+1}; none for j = K-1
+    last = jnp.arange(k)[None] == k - 1
+
+    def first_rejection(accept):  # [B, K-1] -> n [B]
+        return jnp.sum(jnp.cumprod(accept, axis=1), axis=1) if k > 1 else jnp.zeros((b,), jnp.int32)
+
+    def greedy():
+        y = jnp.argmax(logits, axis=-1).reshape(b, k)
+        n = first_rejection((y[:, :-1] == draft[:, 1:]).astype(jnp.int32))
+        return n, jnp.take_along_axis(y, n[:, None], axis=1)[:, 0]
+
+    def sampled():
+        k_accept, k_draw = jax.random.split(key)
+        filtered = filter_logits(logits, s).reshape(b, k, v)
+        probs = jax.nn.softmax(filtered, axis=-1)
+        p_draft = jnp.take_along_axis(probs, nxt[..., None], axis=-1)[..., 0]  # [B, K]
+        accept = jax.random.uniform(k_accept, (b, k)) < p_draft
+        n = first_rejection(accept[:, :-1].astype(jnp.int32))
+        residual = jnp.where((jax.nn.one_hot(nxt, v, dtype=bool) & ~last[..., None]), NEG_INF, filtered)
+        y = jax.random.categorical(k_draw, residual, axis=-1)  # [B, K]
+        return n, jnp.take_along_axis(y, n[:, None], axis=1)[:, 0]
+
+    n, y = jax.lax.cond(s["temperature"] > 0.0, sampled, greedy)
+    return n.astype(jnp.int32), y.astype(jnp.int32)
+
+
+def tidar_step(model, req: Request, plan: Plan, state: LoopState) -> LoopState:
+    """One forward of [d_0..d_{B-1} | M^(0) .. M^(B-1)] (q_len = B(1+B)): the drafts' keys and
+    values are written to the cache, the mask tokens' never. Verification commits d_0..d_n (the
+    cache's committed length grows by n + 1: the rejected drafts' slots are rolled back), emits
+    d_1..d_n and y_n, and the next block is [y_n | argmax of M^(n)'s logits 1..B-1]."""
+    cfg, tidar = model.cfg, plan.tidar
+    block = tidar.block
+    b = state.draft.shape[0]
+    offsets, groups = tidar_layout(block)
+    start = req.lengths + state.count - 1  # d_0's position: the last emitted token
+    tokens = jnp.concatenate([state.draft, jnp.full((b, block * block), _mask_id(cfg), jnp.int32)], axis=1)
+    step_before = state.cache.step
+    logits, cache = model(tokens, start[:, None] + offsets, groups=jnp.asarray(groups)[None], cache=state.cache,
+                          write=block)
+    ar, drafts = logits[:, :block], logits[:, block:].reshape(b, block, block, -1)  # drafts[:, j, k]: M^(j)_k
+    targets = never_sampled(cfg, tidar.beta * ar + (1 - tidar.beta) * drafts[:, :, 0])
+    n, y = verify(targets, state.draft, state.seen, req.sampling, jax.random.fold_in(req.key, state.t))
+    k = jnp.arange(block)[None]
+    emitted = jnp.where(k < n[:, None], jnp.roll(state.draft, -1, axis=1), y[:, None])  # d_1..d_n, y_n
+    accepted = state.accepted.at[:, state.t].set(jnp.where(state.done, -1, n))
+    active = ~state.done
+    state = emit(state, req, emitted, n + 1)
+    hypothesis = jnp.take_along_axis(drafts, n[:, None, None, None], axis=1)[:, 0]  # [B, block, V] M^(n)
+    draft = jnp.concatenate([y[:, None], jnp.argmax(never_sampled(cfg, hypothesis[:, 1:]), axis=-1)], axis=1)
+    cache = cache.rollback(jnp.where(active, step_before + n + 1, step_before))
+    return dataclasses.replace(state, t=state.t + 1, cache=cache, accepted=accepted,
+                               draft=jnp.where(active[:, None], draft.astype(jnp.int32), state.draft))
+
+
+def step(model, req: Request, plan: Plan, state: LoopState) -> LoopState:
+    return ar_step(model, req, plan, state) if plan.tidar is None else tidar_step(model, req, plan, state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _run(graphdef, state, req: Request, *, plan: Plan) -> LoopState:
+    """Prefill and every step in one compiled `while_loop`: the cache never leaves the device."""
+    model = nnx.merge(graphdef, state)
+    loop = prefill(model, req, plan)
+    return jax.lax.while_loop(lambda s: (s.t < plan.capacity) & ~jnp.all(s.done),
+                              lambda s: step(model, req, plan, s), loop)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _prefill(graphdef, state, req: Request, *, plan: Plan) -> LoopState:
+    return prefill(nnx.merge(graphdef, state), req, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("loop",))
+def _step(graphdef, state, req: Request, loop: LoopState, *, plan: Plan) -> LoopState:
+    return step(nnx.merge(graphdef, state), req, plan, loop)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -317,23 +490,27 @@ def validate_request(cfg, prompts: list[list[int]], max_new_tokens: int, eos_id:
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling = GREEDY,
              eos_id: int | None = None, stop_sequences: Sequence[Sequence[int]] = (), seed: int = 0,
              cached: bool = True, on_token: Callable[[np.ndarray, np.ndarray], None] | None = None,
-             ) -> list[list[int]]:
-    """The new tokens of each prompt (token ids), up to and including an EOS or a stop sequence.
+             speculative: TiDAR | None = None, return_stats: bool = False):
+    """The new tokens of each prompt (token ids), up to and including an EOS or a stop sequence;
+    with `return_stats`, (tokens, DecodeStats).
 
     At most `max_new_tokens`, and never past the context (`model.cfg.max_seq_len` positions in
-    all). `on_token(tokens [B], active [B])` is called after every step when given (streaming).
-    Draws are seeded by `seed`: the same call gives the same tokens.
+    all). `on_token(tokens [B], active [B])` is called after every emitted token when given
+    (streaming: the loop then returns to the host after every forward). Draws are seeded by
+    `seed`: the same call gives the same tokens. `speculative=TiDAR(block, beta)` decodes with
+    TiDAR's drafts (a model trained with model.diffusion; needs the cache).
     """
     cfg = model.cfg
     sampling.validate()
+    if speculative is not None:
+        speculative.validate(cfg)
+        if not cached:
+            raise DecodeError("speculative decoding needs the KV cache; drop --no-cache")
     prompts = [list(map(int, ids)) for ids in prompts]
     validate_request(cfg, prompts, max_new_tokens, eos_id)
-    if cached:
-        check_cacheable(cfg)
     lengths = np.array([len(ids) for ids in prompts], np.int32)
     max_new = min(max_new_tokens, cfg.max_seq_len - int(lengths.max()))
     p = bucket(int(lengths.max())) if cached else int(lengths.max())
-    capacity = bucket(max_new)
     batch = np.zeros((len(prompts), p), np.int32)
     for row, ids in zip(batch, prompts):
         row[p - len(ids):] = ids
@@ -342,37 +519,46 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
     stop_array = np.full((len(stops), width), -1, np.int32)
     for row, s in zip(stop_array, stops):
         row[width - len(s):] = s
-    graphdef, state = nnx.split(model)
-    _stream_handler[0] = on_token
-    try:
-        out, counts = _generate(graphdef, state, jnp.asarray(batch), jnp.asarray(lengths), jnp.int32(max_new),
-                                sampling.arrays(), jnp.int32(-1 if eos_id is None else eos_id),
-                                jnp.asarray(stop_array), jax.random.key(seed), capacity=capacity, cached=cached,
-                                padded=bool((lengths != p).any()), stream=on_token is not None,
-                                max_seq_len=cfg.max_seq_len)
-        out, counts = np.asarray(out), np.asarray(counts)
-    finally:
-        _stream_handler[0] = None
-    return [out[i, :counts[i]].tolist() for i in range(len(prompts))]
+    req = Request(jnp.asarray(batch), jnp.asarray(lengths), jnp.int32(max_new), sampling.arrays(),
+                  jnp.int32(-1 if eos_id is None else eos_id), jnp.asarray(stop_array), jax.random.key(seed))
+    plan = Plan(capacity=bucket(max_new), cached=cached, padded=bool((lengths != p).any()), tidar=speculative)
+    graphdef, state = nnx.split(model.for_inference())
+    if on_token is None:
+        loop = _run(graphdef, state, req, plan=plan)
+    else:
+        loop = _prefill(graphdef, state, req, plan=plan)
+        shown = _stream(on_token, loop, np.zeros(len(prompts), np.int64), width - 1)
+        while not bool(np.all(np.asarray(loop.done))) and int(loop.t) < plan.capacity:
+            loop = _step(graphdef, state, req, loop, plan=plan)
+            shown = _stream(on_token, loop, shown, width - 1)
+    out, counts = np.asarray(loop.out)[:, width - 1:], np.asarray(loop.count)
+    tokens = [out[i, :counts[i]].tolist() for i in range(len(prompts))]
+    if not return_stats:
+        return tokens
+    accepted = np.asarray(loop.accepted) if loop.accepted is not None else np.full((len(prompts), 0), -1)
+    stats = DecodeStats(1 if speculative is None else speculative.block,
+                        [[int(n) for n in row if n >= 0] for row in accepted])
+    return tokens, stats
 
 
-def needs_full_recompute(cfg) -> bool:
-    """Whether the KV cache does not cover this model yet (see `check_cacheable`)."""
-    try:
-        check_cacheable(cfg)
-    except DecodeError:
-        return True
-    return False
+def _stream(on_token, loop: LoopState, shown: np.ndarray, offset: int) -> np.ndarray:
+    """Hand the tokens each row emitted since `shown` to on_token, one output column at a time;
+    returns the new counts."""
+    out, counts = np.asarray(loop.out)[:, offset:], np.asarray(loop.count)
+    for i in range(int(shown.min()), int(counts.max())):
+        active = (shown <= i) & (i < counts)
+        if active.any():
+            on_token(np.where(active, out[:, i], 0), active)
+    return counts
 
 
 def generate_long(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int = 0,
-                  cached: bool | None = None, **kwargs) -> list[list[int]]:
+                  cached: bool = True, **kwargs) -> list[list[int]]:
     """`generate`, continuing past the context: when the context is full, the last half of each
     unfinished row (prompt and output so far) becomes its prompt for the next chunk, as
     llama.cpp's context shift does (chunk c draws with seed + c). Rows that meet EOS or a stop
-    sequence end as in `generate`. cached=None: the cache wherever the model allows it."""
+    sequence end as in `generate`."""
     cfg = model.cfg
-    cached = not needs_full_recompute(cfg) if cached is None else cached
     keep = max(1, cfg.max_seq_len // 2)
     contexts = [list(map(int, p)) for p in prompts]
     outs: list[list[int]] = [[] for _ in contexts]

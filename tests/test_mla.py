@@ -14,6 +14,7 @@ from jaxllm.errors import ConfigError
 from jaxllm.convert.state_dict import to_torch_layout, torch_shape
 from jaxllm.model import Transformer
 from jaxllm.model.mla import MultiHeadLatentAttention, mscale_squared, rope_amplitude, rope_inv_freq, softmax_scale
+from jaxllm.model.attention import AttentionMask
 from torch_ref.mla import MultiHeadLatentAttention as TorchMLA
 from torch_ref.model import Transformer as TorchTransformer
 from torch_ref.model import namespace
@@ -153,7 +154,7 @@ def test_latents_are_causal_and_share_one_rope_key_for_deepseek(mla):
     c_kv, k_rope = jax.eval_shape(attn.latents, x, positions)
     assert c_kv.shape == (2, 20, mla["kv_lora_rank"])
     assert k_rope.shape == (2, 20, 1 if mla["variant"] == "deepseek" else 4, mla["qk_rope_head_dim"])
-    y = np.asarray(nnx.jit(lambda attn, x, positions: attn(x, positions))(attn, x, positions))
+    y = np.asarray(nnx.jit(lambda attn, x, positions: attn(x, positions, AttentionMask(None, None)))(attn, x, positions))
     np.testing.assert_array_equal(y[0, :12], y[1, :12])
     assert np.abs(y[0, 12:] - y[1, 12:]).min() > 0
 

@@ -7,7 +7,7 @@ from flax import nnx
 
 from jaxllm.config import config_from_dict
 from jaxllm.model import Transformer, lm_loss
-from jaxllm.model.attention import attend, causal_mask
+from jaxllm.model.attention import AttentionMask, attend, causal_mask, visible
 
 
 def small(**model):
@@ -36,10 +36,15 @@ def test_fused_attention_equals_einsum_path(window):
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (2, 16, 4, 8))
     k, v = jax.random.normal(kk, (2, 16, 2, 8)), jax.random.normal(kv, (2, 16, 2, 8))
-    fused = attend(q, k, v, window=window)
+    fused = attend(q, k, v, AttentionMask(None, window))
     dropout = nnx.Dropout(1e-9, deterministic=False, rngs=nnx.Rngs(0))  # active but keeps everything
-    einsum = attend(q, k, v, window=window, dropout=dropout)
+    einsum = attend(q, k, v, AttentionMask(None, window), dropout=dropout)
     np.testing.assert_allclose(np.asarray(fused), np.asarray(einsum), rtol=1e-5, atol=1e-5)
+    # the rule on positions 0..T-1 (what every forward that is not plain causal builds) is the same pattern
+    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    groups = jnp.zeros_like(pos)
+    ruled = attend(q, k, v, AttentionMask(visible(pos, groups, pos, groups, window), window))
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(ruled), rtol=1e-5, atol=1e-5)
 
 
 def test_sliding_window_sees_exactly_w_keys():
@@ -72,7 +77,7 @@ def _run_layers(model, x, keep):
     h = model.embed_tokens(x) + model.embed_positions(jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape))
     for i, block in enumerate(model.layers):
         if keep[i]:
-            h = block(h, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape))
+            h = block(h, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape), AttentionMask(None, None))
     return model.embed_tokens.attend(model.final_norm(h))
 
 

@@ -26,28 +26,50 @@ def causal_mask(t: int, s: int, window: int | None = None) -> jax.Array:
     return allowed
 
 
-def position_mask(q_positions: jax.Array, k_positions: jax.Array, window: int | None = None) -> jax.Array:
-    """[B, T, S] booleans from the positions of queries [B, T] and keys [B, S] (-1: an empty cache
-    slot or a padding token): query i sees key j iff j holds a token and 0 <= i - j < window. The
-    decode caches use it for prefill and for every step; it equals `causal_mask` on 0..S-1."""
-    d = q_positions[:, :, None] - k_positions[:, None, :]
-    allowed = (k_positions[:, None, :] >= 0) & (d >= 0)
+def visible(q_pos: jax.Array, q_group: jax.Array, k_pos: jax.Array, k_group: jax.Array,
+            window: int | None) -> jax.Array:
+    """The attention rule of every forward that is not plain causal (docs/sampling.md, "The mask"):
+    [B, T, S] booleans from each query's and key's position (-1: padding or an empty slot) and group
+    (0: a causal token; g >= 1: a mask token of TiDAR draft block g; -1: padding).
+
+    A causal query sees the causal keys at positions <= its own within the window; a mask query
+    sees the causal keys before its block's first position (within the window of its own position)
+    and every token of its block; padding sees padding only (no query row is empty) and nobody
+    sees padding."""
+    same_block = q_group[:, :, None] == q_group[:, None, :]
+    first = jnp.min(jnp.where(same_block, q_pos[:, None, :], jnp.iinfo(jnp.int32).max), axis=-1)
+    horizon = jnp.where(q_group == 0, q_pos, first - 1)  # the last causal position a query may see
+    d = q_pos[:, :, None] - k_pos[:, None, :]
+    causal_key = (k_group[:, None, :] == 0) & (k_pos[:, None, :] >= 0)
+    sees = causal_key & (k_pos[:, None, :] <= horizon[:, :, None])
     if window is not None:
-        allowed &= d < window
-    return allowed
+        sees &= d < window
+    return sees | ((q_group[:, :, None] != 0) & (q_group[:, :, None] == k_group[:, None, :]))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """Who attends to whom in one forward, built once by the model and read by every layer:
+    `allowed` [B or 1, T, S] (True: may attend; from `visible`), or None for the plain causal
+    sliding window of `window` over the T new tokens (the fused attention path)."""
+    allowed: jax.Array | None
+    window: int | None = dataclasses.field(metadata=dict(static=True))
 
 
 def write_cache(buf: jax.Array, new: jax.Array, step: jax.Array) -> jax.Array:
-    """buf [B, S, ...] with new [B, T, ...] written at time steps step..step+T-1, slot = time mod S:
-    a plain buffer when S covers every step, a rolling buffer of the last S otherwise (a sliding
-    window). Of T > S new entries only the last S are kept."""
+    """buf [B, S, ...] with new [B, T, ...] written at each row's time steps step[b]..step[b]+T-1
+    (step [B], or a scalar shared by every row), slot = time mod S: a plain buffer when S covers
+    every step, a rolling buffer of the last S otherwise (a sliding window). Of T > S new entries
+    only the last S are kept."""
     s, t = buf.shape[1], new.shape[1]
     if t > s:
         new, step, t = new[:, t - s:], step + (t - s), s
     new = new.astype(buf.dtype)
-    if t == 1:
-        return jax.lax.dynamic_update_slice_in_dim(buf, new, step % s, axis=1)
-    return buf.at[:, (step + jnp.arange(t)) % s].set(new)
+    slots = (jnp.asarray(step)[..., None] + jnp.arange(t)) % s  # [B, T] or [T]
+    if slots.ndim == 1:
+        return buf.at[:, slots].set(new)
+    return buf.at[jnp.arange(buf.shape[0])[:, None], slots].set(new)
 
 
 @jax.tree_util.register_dataclass
@@ -55,57 +77,71 @@ def write_cache(buf: jax.Array, new: jax.Array, step: jax.Array) -> jax.Array:
 class LayerCache:
     """One layer's decode cache, as its attention's `__call__` takes and returns it: the buffers
     [B, S, ...] its `init_cache` made (keys and values; MLA: c_kv and k_rope), and what the call
-    needs to know: `step`, the time step of the first new token (written at slot step mod S, see
-    `write_cache`), and `prefill` (static): the new tokens attend over themselves only (the cache
-    starts empty) rather than over every slot."""
+    needs to know (see DecodeCache): `step` [B], each row's time step of the first new token,
+    `prefill` (static: the new tokens attend over themselves only) and `write` (static: how many
+    of the new tokens go into the cache; None: all)."""
     buffers: tuple[jax.Array, ...]
     step: jax.Array
     prefill: bool = dataclasses.field(metadata=dict(static=True))
+    write: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
-    def write(self, *new: jax.Array) -> "LayerCache":
-        """The cache with new [B, T, ...] entries (one per buffer) written at time steps step.."""
-        return dataclasses.replace(self, buffers=tuple(write_cache(b, n, self.step) for b, n in zip(self.buffers, new)))
+    def update(self, *new: jax.Array) -> tuple["LayerCache", tuple[jax.Array, ...]]:
+        """Write the first `write` of the new entries [B, T, ...] (one per buffer); returns the
+        cache and what the new queries attend over: in a prefill the new entries, in a step every
+        slot followed by the new entries that were not written."""
+        n = new[0].shape[1] if self.write is None else self.write
+        buffers = tuple(write_cache(b, x[:, :n], self.step) for b, x in zip(self.buffers, new))
+        cache = dataclasses.replace(self, buffers=buffers)
+        if self.prefill:
+            return cache, new
+        if n == new[0].shape[1]:
+            return cache, buffers
+        return cache, tuple(jnp.concatenate([b, x[:, n:].astype(b.dtype)], axis=1) for b, x in zip(buffers, new))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeCache:
-    """The model's decode cache (`Transformer.init_cache`): each layer's buffers, and the `step` and
-    `prefill` that every layer's call shares (see LayerCache). The model returns it with the new
-    entries written, `step` advanced past them and `prefill` off: ready for the next call."""
+    """The model's decode cache (`Transformer.init_cache`): each layer's buffers (a looped core's
+    layers: one set per core application, stacked on a leading axis), `positions` [B, S] the token
+    position held in each slot (-1: empty or padding), `step` [B] each row's time step of the next
+    write (time step t lives in slot t mod S) and `prefill` (static: nothing written yet).
+
+    A forward given the cache writes the first `write` new tokens (all by default) at time steps
+    step.. of each row and returns the cache with `step` advanced past them and `prefill` off.
+    Rolling back (TiDAR's rejected drafts) is `rollback(step)`: the slots past it are stale, and
+    are rewritten before any later query can see them."""
     layers: tuple[tuple[jax.Array, ...], ...]
+    positions: jax.Array
     step: jax.Array
     prefill: bool = dataclasses.field(metadata=dict(static=True))
 
-    def layer(self, i: int) -> LayerCache:
-        return LayerCache(self.layers[i], self.step, self.prefill)
+    def layer(self, i: int, write: int | None = None) -> LayerCache:
+        return LayerCache(self.layers[i], self.step, self.prefill, write)
 
-    def advanced(self, layers: list[LayerCache], t: int) -> "DecodeCache":
-        """The cache after a call of t new tokens that left the layers' caches `layers`."""
-        return DecodeCache(tuple(c.buffers for c in layers), self.step + t, False)
+    def rollback(self, step: jax.Array) -> "DecodeCache":
+        """The cache with each row's committed length set to `step` [B]."""
+        return dataclasses.replace(self, step=step)
 
 
-def attend(q, k, v, *, window: int | None, mask: jax.Array | None = None,
-           dropout: nnx.Dropout | None = None) -> jax.Array:
-    """softmax(q k^T / sqrt(H)) v for q [B,T,N,H], k and v [B,S,K,H]; returns [B,T,N,H].
-
-    Without `mask` each query sees the causal sliding window of the last T of S positions. A
-    `mask` [B or 1, T, S] (True: may attend) replaces that pattern entirely (e.g. TiDAR's
-    block-diffusion mask, built once per shape with any window already applied).
+def attend(q, k, v, mask: AttentionMask, *, dropout: nnx.Dropout | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(H)) v for q [B,T,N,H], k and v [B,S,K,H]; returns [B,T,N,H], each query
+    seeing the keys `mask` allows (with `mask.allowed` None: the causal sliding window of the last
+    T of S positions).
 
     The fused `jax.nn.dot_product_attention` is used unless attention dropout is active, which it
     cannot apply; then the same maths runs as explicit einsums.
     """
     if dropout is None or dropout.deterministic or dropout.rate == 0.0:
-        if mask is not None:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
-        window_size = None if window is None else (window - 1, 0)
+        if mask.allowed is not None:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask.allowed[:, None])
+        window_size = None if mask.window is None else (mask.window - 1, 0)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window_size)
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k).astype(jnp.float32) * h**-0.5
-    allowed = causal_mask(t, k.shape[1], window) if mask is None else mask[:, None, None]
+    allowed = causal_mask(t, k.shape[1], mask.window) if mask.allowed is None else mask.allowed[:, None, None]
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype))
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
@@ -122,21 +158,17 @@ class Attention(nnx.Module):
         self.v_proj = Einsum((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), bias=a.qkv_bias, **kw)
         self.o_proj = Einsum((n, h), (d,), ("heads", "head_dim"), ("embed",), bias=a.out_bias, **kw)
         self.dropout = nnx.Dropout(a.dropout, deterministic=True, rngs=rngs)
-        self.window = a.window
         self.rope_theta = cfg.position.rope_theta if cfg.position.kind == "rope" else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask,
                  cache: LayerCache | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
         """x [B, T, D] -> [B, T, D]. With a decode `cache` (keys and values [B, S, K, H], see
-        LayerCache) the T new keys and values are written at time steps step.. and the output comes
-        with the updated cache: in a prefill the T queries attend over the T new keys (mask
-        [B, T, T] or causal), otherwise over the whole cache (mask [B, T, S])."""
+        LayerCache) the new keys and values are written and the output comes with the updated
+        cache; the queries attend over what `LayerCache.update` returns, as `mask` says."""
         q, k, v = self.qkv(x, positions)
         if cache is not None:
-            cache = cache.write(k, v)
-            if not cache.prefill:
-                k, v = cache.buffers
-        o = self.o_proj("BTNH,NHD->BTD", attend(q, k, v, window=self.window, mask=mask, dropout=self.dropout))
+            cache, (k, v) = cache.update(k, v)
+        o = self.o_proj("BTNH,NHD->BTD", attend(q, k, v, mask, dropout=self.dropout))
         return o if cache is None else (o, cache)
 
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.attention import Attention, LayerCache
+from jaxllm.model.attention import Attention, AttentionMask, DecodeCache, LayerCache
 from jaxllm.model.mla import MultiHeadLatentAttention
 from jaxllm.model.mlp import MLP
 from jaxllm.model.moe import MoE, init_expert_loads
@@ -52,7 +52,7 @@ class Block(nnx.Module):
             f_x = self.rezero_alpha[...].astype(f_x.dtype) * f_x
         return x + f_x
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask,
                  router_noise: jax.Array | None = None, *, cache: LayerCache | None = None):
         """x [B, T, D] -> [B, T, D]; with a decode `cache` (the attention's, see LayerCache),
         (x, the updated cache). router_noise [B, T, E]: the noisy router's eps in training, for an
@@ -83,10 +83,18 @@ class LayerDrop(nnx.Module):
         return jax.random.uniform(self.rngs(), (n_layer,)) >= self.rate
 
 
-def run_layers(layers, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
-    for block in layers:
-        x = block(x, positions, mask)
-    return x
+def run_layers(layers, x: jax.Array, positions: jax.Array, mask: AttentionMask,
+               caches: list[LayerCache] | None = None) -> jax.Array | tuple[jax.Array, list[LayerCache]]:
+    """Each block once; with `caches` (one LayerCache per block), (x, the updated caches)."""
+    if caches is None:
+        for block in layers:
+            x = block(x, positions, mask)
+        return x
+    new = []
+    for block, cache in zip(layers, caches):
+        x, cache = block(x, positions, mask, cache=cache)
+        new.append(cache)
+    return x, new
 
 
 class RecursiveBlock(nnx.Module):
@@ -106,6 +114,9 @@ class RecursiveBlock(nnx.Module):
     so they carry no gradient. In training with `random_loops`, the number of loops is drawn per
     step as Poisson(LogNormal(ln n_loops - 1/8, 1/2)) + 1 (Huginn) and at most n_grad_loops of
     them take gradients; in eval mode n_loops always run.
+
+    Decoding (eval mode) gives it the core's part of the model's DecodeCache: each core layer's
+    buffers stacked on a leading axis of n_loops * steps_per_loop, one cache per core call.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -140,15 +151,27 @@ class RecursiveBlock(nnx.Module):
             return (e,) * self.n_states
         return tuple(jnp.broadcast_to(self.init_state[i].astype(e.dtype), e.shape) for i in range(self.n_states))
 
-    def step(self, core, state: tuple[jax.Array, ...], e: jax.Array, i: jax.Array, positions, mask):
-        """Core call number i (counting from the first loop) on the state."""
+    @property
+    def n_calls(self) -> int:
+        """Core calls per forward in eval mode (each has its own decode cache)."""
+        return self.n_loops * self.steps_per_loop
+
+    def step(self, core, state: tuple[jax.Array, ...], e: jax.Array, i: jax.Array, positions, mask,
+             caches: list[LayerCache] | None = None):
+        """Core call number i (counting from the first loop) on the state; with `caches` (this
+        call's LayerCache of each core layer), (the state, the updated caches)."""
         if self.mode == "loop":
             (s,) = state
-            return (run_layers(core, self.inject(s, e), positions, mask),)
-        y, z = state
-        is_latent = i % self.steps_per_loop < self.n_latent_steps
-        out = run_layers(core, jnp.where(is_latent, self.inject(y + z, e), y + z), positions, mask)
-        return jnp.where(is_latent, y, out), jnp.where(is_latent, out, z)
+            x = self.inject(s, e)
+        else:
+            y, z = state
+            is_latent = i % self.steps_per_loop < self.n_latent_steps
+            x = jnp.where(is_latent, self.inject(y + z, e), y + z)
+        out = run_layers(core, x, positions, mask, caches)
+        if caches is not None:
+            out, caches = out
+        state = (out,) if self.mode == "loop" else (jnp.where(is_latent, y, out), jnp.where(is_latent, out, z))
+        return state if caches is None else (state, caches)
 
     def loop_counts(self) -> tuple[jax.Array | int, jax.Array | None]:
         """(loops without gradient, loops with gradient out of n_grad_loops or None for all)."""
@@ -160,8 +183,13 @@ class RecursiveBlock(nnx.Module):
         with_grad = jnp.minimum(r, self.n_grad_loops)
         return r - with_grad, with_grad
 
-    def __call__(self, core, e: jax.Array, positions: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """The core's output after every loop, and the sum of the aux losses its layers recorded."""
+    def __call__(self, core, e: jax.Array, positions: jax.Array, mask: AttentionMask,
+                 cache: DecodeCache | None = None, write: int | None = None):
+        """The core's output after every loop, and the sum of the aux losses its layers recorded;
+        with a decode `cache` (eval mode; its layers are the core's, stacked per call, see the
+        class docstring), (output, the cache's updated core layers)."""
+        if cache is not None:
+            return _cached_core(nnx.List([*core, self]), e, positions, mask, cache, write)
         no_grad, with_grad = self.loop_counts()
         state, aux = self.initial_state(e), jnp.zeros((), jnp.float32)
         per_loop = self.steps_per_loop
@@ -220,3 +248,23 @@ def _fori_core(modules: nnx.List, first, n_steps, state, e, aux, positions, mask
     if training:
         nnx.update(modules, rest)
     return state, aux
+
+
+def _cached_core(modules: nnx.List, e, positions, mask: AttentionMask, cache: DecodeCache, write: int | None):
+    """The eval-mode loop of core calls with a cache per call: call i reads and writes slice i of
+    every core layer's stacked buffers. Returns (output, the updated stacked buffers)."""
+    graphdef, state = nnx.split(modules)
+    n_calls = modules[-1].n_calls
+
+    def body(i, carry):
+        loop_state, layers = carry
+        m = nnx.merge(graphdef, state)
+        caches = [LayerCache(jax.tree.map(lambda b: b[i], buffers), cache.step, cache.prefill, write)
+                  for buffers in layers]
+        loop_state, caches = m[-1].step(list(m)[:-1], loop_state, e, i, positions, mask, caches)
+        layers = tuple(jax.tree.map(lambda b, c: b.at[i].set(c), buffers, c.buffers)
+                       for buffers, c in zip(layers, caches))
+        return loop_state, layers
+
+    loop_state, layers = jax.lax.fori_loop(0, n_calls, body, (modules[-1].initial_state(e), cache.layers))
+    return loop_state[0], layers

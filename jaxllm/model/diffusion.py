@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
+from jaxllm.model.attention import visible
 
 
 def mask_token_id(cfg: ModelConfig) -> int:
@@ -22,28 +23,10 @@ def mask_token_id(cfg: ModelConfig) -> int:
     return cfg.vocab_size - 1 if d.mask_token_id is None else d.mask_token_id
 
 
-def tidar_mask(s: int, block_size: int, window: int | None = None) -> jax.Array:
-    """[2S, 2S] booleans (True: query may attend key) for the doubled sequence of S clean tokens.
-
-    - A clean query sees clean keys causally and never a mask token.
-    - A mask query at position j in block b = j // block_size sees the clean keys strictly before
-      its block (k < b * block_size: k = b * block_size would be its own label) and every mask
-      token of its own block (bidirectional), never another block.
-    - A sliding window limits clean keys to positions p with j - p < window, as in plain training.
-    """
-    index = jnp.arange(2 * s)
-    is_clean = index < s
-    position = jnp.where(is_clean, index, index - s)
-    block = position // block_size
-    q_clean, k_clean = is_clean[:, None], is_clean[None, :]
-    q_pos, k_pos = position[:, None], position[None, :]
-    clean_to_clean = q_clean & k_clean & (k_pos <= q_pos)
-    mask_to_clean = ~q_clean & k_clean & (k_pos < block[:, None] * block_size)
-    mask_to_mask = ~q_clean & ~k_clean & (block[:, None] == block[None, :])
-    allowed = clean_to_clean | mask_to_clean | mask_to_mask
-    if window is not None:
-        allowed &= ~k_clean | (q_pos - k_pos < window)
-    return allowed
+def tidar_groups(s: int, block_size: int) -> jax.Array:
+    """[2S] attention groups of the doubled sequence: 0 for the clean tokens, 1 + j // block_size
+    for the mask copy of position j (see `jaxllm.model.attention.visible`)."""
+    return jnp.concatenate([jnp.zeros((s,), jnp.int32), 1 + jnp.arange(s, dtype=jnp.int32) // block_size])
 
 
 def tidar_inputs(tokens: jax.Array, mask_id: int) -> tuple[jax.Array, jax.Array]:
@@ -54,12 +37,25 @@ def tidar_inputs(tokens: jax.Array, mask_id: int) -> tuple[jax.Array, jax.Array]
     return doubled, positions
 
 
+def tidar_mask(s: int, block_size: int, window: int | None = None) -> jax.Array:
+    """[2S, 2S] booleans (True: query may attend key) for the doubled sequence of S clean tokens:
+    the model's one attention rule (`visible`) on its positions and groups, that is:
+
+    - A clean query sees clean keys causally and never a mask token.
+    - A mask query at position j in block b = j // block_size sees the clean keys strictly before
+      its block (k < b * block_size: k = b * block_size would be its own label) and every mask
+      token of its own block (bidirectional), never another block.
+    - A sliding window limits clean keys to positions p with j - p < window, as in plain training.
+    """
+    positions = jnp.concatenate([jnp.arange(s), jnp.arange(s)])[None]
+    groups = tidar_groups(s, block_size)[None]
+    return visible(positions, groups, positions, groups, window)[0]
+
+
 def tidar_forward(model, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(clean-half logits [B, S, V], mask-half logits [B, S, V]) of one forward on the doubled
     sequence. The clean half equals a plain causal forward of `tokens`."""
-    cfg = model.cfg
     s = tokens.shape[1]
-    doubled, positions = tidar_inputs(tokens, mask_token_id(cfg))
-    mask = tidar_mask(s, cfg.diffusion.block_size, cfg.attention.window)
-    logits = model(doubled, positions, mask[None])
+    doubled, positions = tidar_inputs(tokens, mask_token_id(model.cfg))
+    logits = model(doubled, positions, groups=tidar_groups(s, model.cfg.diffusion.block_size)[None])
     return logits[:, :s], logits[:, s:]

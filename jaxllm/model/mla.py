@@ -26,7 +26,7 @@ does both).
 The forward is split where a decode cache sits: `latents` gives what is cached per token
 (the normalised c_kv and the rotated k_rope, (C + K*R) numbers), `attend_latents` expands them to
 keys and values and attends. Given a decode cache, `__call__` keeps those latents in it and, in a
-decode step (one new token), attends with the weights absorbed (§3.1): q_nope is mapped into the
+decode step, attends with the weights absorbed (§3.1): q_nope is mapped into the
 latent space by W_UK, scores are taken against c_kv directly, and the latent output is mapped back
 by W_UV; keys and values are never expanded.
 
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import MLAConfig, ModelConfig
-from jaxllm.model.attention import LayerCache, attend
+from jaxllm.model.attention import AttentionMask, LayerCache, attend
 from jaxllm.model.embeddings import apply_rope
 from jaxllm.model.norms import RMSNorm
 from jaxllm.model.params import Einsum, dtypes
@@ -124,23 +124,22 @@ class MultiHeadLatentAttention(nnx.Module):
             self.kv_b_proj = Einsum((c,), (n, nope + hv), ("latent",), heads, bias=False, **kw)
         self.o_proj = Einsum((n, hv), (d,), heads, ("embed",), bias=a.out_bias, **kw)
         self.dropout = nnx.Dropout(a.dropout, deterministic=True, rngs=rngs)
-        self.mla, self.window, self.rope_theta = m, a.window, m.rope_theta
+        self.mla, self.rope_theta = m, m.rope_theta
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask,
                  cache: LayerCache | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
         """x [B, T, D] -> [B, T, D]. With a decode `cache` (the compressed one, c_kv [B, S, C] and
-        k_rope [B, S, K, R], see LayerCache) the new latents are written at time steps step.. and
-        the output comes with the updated cache: in a prefill the T queries attend over the T new
-        latents (expanded, as in training; mask [B, T, T] or causal), otherwise with absorbed
-        weights over the whole cache (mask [B, T, S])."""
+        k_rope [B, S, K, R], see LayerCache) the new latents are written and the output comes with
+        the updated cache: a prefill attends over the new latents expanded (as in training), a step
+        with absorbed weights over what `LayerCache.update` returns, as `mask` says."""
         q = self.queries(x, positions)
         c_kv, k_rope = self.latents(x, positions)
         if cache is None:
             return self.attend_latents(q, c_kv, k_rope, mask)
-        cache = cache.write(c_kv, k_rope)
+        cache, latents = cache.update(c_kv, k_rope)
         if cache.prefill:
             return self.attend_latents(q, c_kv, k_rope, mask), cache
-        return self.attend_absorbed(q, *cache.buffers, mask), cache
+        return self.attend_absorbed(q, *latents, mask), cache
 
     def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """Rotate the rope dims x [B, T, N|K, R] by positions [B, T], in float32.
@@ -184,9 +183,9 @@ class MultiHeadLatentAttention(nnx.Module):
         return c_kv, self.rope(k_rope, positions)
 
     def attend_latents(self, q: jax.Array, c_kv: jax.Array, k_rope: jax.Array,
-                       mask: jax.Array | None = None) -> jax.Array:
-        """Attention of q [B, T, N, nope + R] over the latents of S positions -> [B, T, D]: causal
-        over the last T of S, or as `mask` [B or 1, T, S] says (see `attend`)."""
+                       mask: AttentionMask) -> jax.Array:
+        """Attention of q [B, T, N, nope + R] over the latents of S positions -> [B, T, D], as
+        `mask` says (see `attend`)."""
         if self.mla.variant == "seed004":
             k_nope = self.k_proj_u("BSC,CNH->BSNH", c_kv)
             v = self.v_proj_u("BSC,CNH->BSNH", c_kv)
@@ -202,7 +201,7 @@ class MultiHeadLatentAttention(nnx.Module):
         q_scale = mscale_squared(self.mla) * math.sqrt(h / h_qk)  # = softmax_scale * sqrt(h); 1.0 usually
         q = q * jnp.asarray(q_scale, q.dtype) if q_scale != 1.0 else q
         pad = lambda t: jnp.pad(t, [(0, 0)] * 3 + [(0, h - t.shape[-1])])
-        o = attend(pad(q), pad(k), pad(v), window=self.window, mask=mask, dropout=self.dropout)[..., :h_v]
+        o = attend(pad(q), pad(k), pad(v), mask, dropout=self.dropout)[..., :h_v]
         return self.o_proj("BTNH,NHD->BTD", o)
 
     def init_cache(self, batch: int, size: int, dtype) -> tuple[jax.Array, jax.Array]:
@@ -219,7 +218,7 @@ class MultiHeadLatentAttention(nnx.Module):
         w = self.kv_b_proj.weight[...]
         return w[..., :self.mla.qk_nope_head_dim], w[..., self.mla.qk_nope_head_dim:]
 
-    def attend_absorbed(self, q: jax.Array, c_kv: jax.Array, k_rope: jax.Array, mask: jax.Array) -> jax.Array:
+    def attend_absorbed(self, q: jax.Array, c_kv: jax.Array, k_rope: jax.Array, mask: AttentionMask) -> jax.Array:
         """Weight-absorbed attention of q [B, T, N, nope + R] over latents c_kv [B, S, C] and
         k_rope [B, S, K, R] -> [B, T, D]: scores = (W_UK^T q_nope) . c_kv + q_rope . k_rope, the
         output W_UV (sum_s p_s c_kv_s) (papers.md §3.1, DeepSeek's attn_impl="absorb")."""
@@ -233,7 +232,7 @@ class MultiHeadLatentAttention(nnx.Module):
         else:
             rope_scores = jnp.einsum("BTNR,BSNR->BNTS", q_rope, k_rope.astype(dtype))
         scores = (scores + rope_scores.astype(jnp.float32)) * softmax_scale(self.mla)
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask.allowed[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         o_latent = jnp.einsum("BNTS,BSC->BTNC", probs, c_kv.astype(dtype))
         o = jnp.einsum("BTNC,CNH->BTNH", o_latent, w_uv)

@@ -1,6 +1,7 @@
 """The decoder-only language model."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.attention import DecodeCache
+from jaxllm.model.attention import AttentionMask, DecodeCache, visible, write_cache
 from jaxllm.model.blocks import Block, LayerDrop, RecursiveBlock
 from jaxllm.model.embeddings import Embed
 from jaxllm.model.moe import init_expert_loads
@@ -16,7 +17,7 @@ from jaxllm.model.norms import make_norm
 from jaxllm.model.params import AuxLoss, dtypes, param, pop_aux_losses
 
 
-def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: AttentionMask,
                router_noise: jax.Array | None) -> jax.Array:
     return block(x, positions, mask, router_noise)
 
@@ -28,7 +29,7 @@ def _skip_block(block: Block, x: jax.Array, positions: jax.Array, mask, router_n
 _run_block_remat = nnx.remat(_run_block)
 
 
-def _run_block_and_pop_aux(run, block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+def _run_block_and_pop_aux(run, block: Block, x: jax.Array, positions: jax.Array, mask: AttentionMask,
                            router_noise: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """LayerDrop's kept branch: the block's aux losses leave as a value, because both nnx.cond
     branches must leave the same state (a skipped layer records none; its expert loads, made
@@ -40,18 +41,20 @@ def _run_block_and_pop_aux(run, block: Block, x: jax.Array, positions: jax.Array
 class Transformer(nnx.Module):
     """tokens [B, T] (and optional positions [B, T]) -> float32 logits [B, T, V].
 
-    `mask` [B or 1, T, T] (True: may attend) replaces the causal sliding-window pattern in every
-    attention layer (TiDAR's training mask; see `attend`).
+    The attention pattern is built once per forward (`attention_mask`) and read by every layer:
+    with no positions, groups or cache, the plain causal sliding window (the fused path);
+    otherwise the rule of `visible` on each token's position (-1: left padding) and group
+    (`groups` [B or 1, T]: 0 for causal tokens, g >= 1 for the mask tokens of TiDAR draft block g).
 
     `router_noise` [B, T, E] replaces the noisy router's random draw in every MoE layer in training,
     so that two implementations can be fed the same noise (parity tests; not with recursion).
 
     With a decode `cache` (`init_cache`; see DecodeCache) the same forward serves a prefill and
-    every decode step: each layer writes the new tokens' keys and values (MLA: latents) at time
-    steps cache.step.. and the call returns (logits, the updated cache). A prefill attends over the
-    new tokens (mask [B, T, T], or causal); a step over the cache slots, so it needs the mask
-    [B, T, S] of the slots (decode.py builds it from the slots' positions). `last_only`: the final
-    norm and head on the last position only, logits [B, 1, V] (what a decode step samples from).
+    every decode step: each layer writes the first `write` (default: all) new tokens' keys and
+    values (MLA: latents) at each row's time steps cache.step.. and the call returns (logits, the
+    updated cache). A prefill attends over the new tokens, a step over every cache slot and the
+    new tokens it does not write. `last_only`: the final norm and head on the last position only,
+    logits [B, 1, V] (what a decode step samples from).
 
     The model is built in eval mode (no dropout, no LayerDrop); call `.train()` to train. Only a
     training forward records anything (MoE aux losses and expert loads): an eval forward mutates
@@ -73,28 +76,26 @@ class Transformer(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
         self.lm_head_bias = param(None, (cfg.vocab_size,), ("vocab",), "zeros") if cfg.lm_head_bias else None
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
-                 *, cache: DecodeCache | None = None, router_noise: jax.Array | None = None,
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, groups: jax.Array | None = None,
+                 cache: DecodeCache | None = None, write: int | None = None, router_noise: jax.Array | None = None,
                  last_only: bool = False) -> jax.Array | tuple[jax.Array, DecodeCache]:
         cfg = self.cfg
+        mask = self.attention_mask(tokens.shape, positions, groups, cache, write)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
             if cache is not None:
-                positions = positions + cache.step
+                positions = positions + cache.step[:, None]
+        slot_positions = None if cache is None else write_cache(
+            cache.positions, positions[:, :write], cache.step)
+        positions = jnp.clip(positions, 0, cfg.max_seq_len - 1)  # padding (-1) and drafts past the context
         x = self.embed_tokens(tokens)
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         x = self.dropout(x)
         if cache is not None:
-            if self.recursion is not None:
-                raise ValueError("a decode cache is not supported with model.recursion yet")
-            if mask is None and not cache.prefill:
-                raise ValueError("a decode step needs the mask [B, T, S] of the cache slots")
-            layer_caches = []
-            for i, block in enumerate(self.layers):
-                x, layer_cache = block(x, positions, mask, router_noise, cache=cache.layer(i))
-                layer_caches.append(layer_cache)
-            cache = cache.advanced(layer_caches, tokens.shape[1])
+            x, layers = self._cached_layers(x, positions, mask, cache, write, router_noise)
+            n = tokens.shape[1] if write is None else write
+            cache = DecodeCache(layers, slot_positions, cache.step + n, False)
         elif self.recursion is None:
             x = self._run_layers(self.layers, x, positions, mask, router_noise)
         else:  # prelude, the looped core, coda
@@ -114,14 +115,61 @@ class Transformer(nnx.Module):
         logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, cache)
 
+    def attention_mask(self, shape: tuple[int, int], positions: jax.Array | None, groups: jax.Array | None,
+                       cache: DecodeCache | None, write: int | None) -> AttentionMask:
+        """The one attention pattern of a forward (see the class docstring and `visible`): the
+        queries are the new tokens; the keys are the new tokens too, except in a decode step:
+        every cache slot (after this call's writes), then the new tokens not written."""
+        window = self.cfg.attention.window
+        if positions is None and groups is None and cache is None:
+            return AttentionMask(None, window)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(shape[1]), shape)
+            if cache is not None:
+                positions = positions + cache.step[:, None]
+        groups = jnp.zeros(shape, jnp.int32) if groups is None else jnp.broadcast_to(groups, shape)
+        groups = jnp.where(positions < 0, -1, groups)
+        k_pos, k_group = positions, groups
+        if cache is not None and not cache.prefill:
+            n = shape[1] if write is None else write
+            slots = write_cache(cache.positions, positions[:, :n], cache.step)
+            k_pos = jnp.concatenate([slots, positions[:, n:]], axis=1)
+            k_group = jnp.concatenate([jnp.where(slots >= 0, 0, -2), groups[:, n:]], axis=1)
+        return AttentionMask(visible(positions, groups, k_pos, k_group, window), window)
+
     def init_cache(self, batch: int, size: int) -> DecodeCache:
         """An empty decode cache of `size` slots per layer (each attention's `init_cache`, in the
-        embedding's compute dtype), set for a prefill at time step 0."""
+        embedding's compute dtype; a looped core's layers one per core call), set for a prefill."""
         dtype = self.embed_tokens.dtype
-        return DecodeCache(tuple(block.attn.init_cache(batch, size, dtype) for block in self.layers),
-                           jnp.int32(0), True)
+        layers = []
+        for i, block in enumerate(self.layers):
+            buffers = block.attn.init_cache(batch, size, dtype)
+            if self._in_core(i):
+                buffers = tuple(jnp.zeros((self.recursion.n_calls, *b.shape), b.dtype) for b in buffers)
+            layers.append(buffers)
+        return DecodeCache(tuple(layers), jnp.full((batch, size), -1, jnp.int32), jnp.zeros((batch,), jnp.int32), True)
 
-    def _run_layers(self, layers, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+    def _in_core(self, i: int) -> bool:
+        r = self.cfg.recursion
+        return self.recursion is not None and r.n_prelude <= i < r.n_prelude + r.n_core
+
+    def _cached_layers(self, x, positions, mask, cache: DecodeCache, write, router_noise):
+        """Every layer with its cache (the looped core with one per call): (x, the new buffers)."""
+        layers = list(cache.layers)
+        i = 0
+        while i < len(self.layers):
+            if self._in_core(i):
+                n_core = self.cfg.recursion.n_core
+                core = dataclasses.replace(cache, layers=tuple(layers[i:i + n_core]))
+                x, layers[i:i + n_core] = self.recursion(self.layers[i:i + n_core], x, positions, mask, core, write)
+                i += n_core
+                continue
+            x, layer_cache = self.layers[i](x, positions, mask, router_noise, cache=cache.layer(i, write))
+            layers[i] = layer_cache.buffers
+            i += 1
+        return x, tuple(layers)
+
+    def _run_layers(self, layers, x: jax.Array, positions: jax.Array, mask: AttentionMask,
                     router_noise: jax.Array | None = None) -> jax.Array:
         """Each layer once, rematerialised when configured; LayerDrop in training."""
         run = _run_block_remat if self.cfg.remat else _run_block
@@ -135,6 +183,25 @@ class Transformer(nnx.Module):
                                   block, x, positions, mask, router_noise)
                 self.sow(AuxLoss, "layerdrop_aux_losses", aux)
         return x
+
+    def for_inference(self) -> "Transformer":
+        """A copy of the model in eval mode whose weights are already in the compute dtype of the
+        layer that reads them: every module with a compute `dtype` casts its own floating weights
+        at each use (`weight.astype(self.dtype)`), so doing that cast once here, before decoding,
+        gives the same numbers and halves a bfloat16 decode step's weight traffic. Float32
+        weights stay float32 (norms, which compute in float32, have no compute dtype; routers'
+        is float32). The caller's model is left as it is."""
+        graphdef, state = nnx.split(self)
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables
+        model.eval()
+        for _, module in nnx.iter_modules(model):
+            dtype = getattr(module, "dtype", None)
+            if dtype is None:
+                continue
+            for name, var in vars(module).items():
+                if isinstance(var, nnx.Param) and jnp.issubdtype(var.dtype, jnp.floating) and var.dtype != dtype:
+                    var.set_value(var[...].astype(dtype))
+        return model
 
 
 def abstract_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
