@@ -210,14 +210,15 @@ class Plan:
     capacity: int  # new tokens the output buffer holds (a power of two)
     cached: bool
     padded: bool  # prompts of different lengths (left padding)
-    tidar: TiDAR | None
+    block: int | None  # TiDAR's draft length, None: plain decoding
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One call's inputs, as arrays: prompts [B, P] left-padded, their lengths [B], the traced
-    sampling settings, EOS (-1: none), stop sequences [M, L] (right-aligned, -1 padded), the key."""
+    sampling settings, EOS (-1: none), stop sequences [M, L] (right-aligned, -1 padded), the key,
+    TiDAR's beta (traced too: changing it does not recompile)."""
     prompts: jax.Array
     lengths: jax.Array
     max_new: jax.Array
@@ -225,6 +226,7 @@ class Request:
     eos_id: jax.Array
     stops: jax.Array
     key: jax.Array
+    beta: jax.Array
 
     def positions(self, width: int) -> jax.Array:
         """[B, width] positions of the left-padded time steps 0..width-1 (-1: padding)."""
@@ -282,7 +284,7 @@ def _empty_state(model, req: Request, plan: Plan, logits, cache, context) -> Loo
     in_prompt = jnp.where(jnp.arange(p)[None] >= (p - req.lengths)[:, None], req.prompts, cfg.vocab_size)
     seen = jnp.zeros((b, cfg.vocab_size), bool).at[jnp.arange(b)[:, None], in_prompt].set(True, mode="drop")
     out = jnp.full((b, req.stops.shape[1] - 1 + plan.capacity), -2, jnp.int32)
-    accepted = None if plan.tidar is None else jnp.full((b, plan.capacity), -1, jnp.int32)
+    accepted = None if plan.block is None else jnp.full((b, plan.capacity), -1, jnp.int32)
     return LoopState(jnp.int32(0), logits, cache, context, out, jnp.zeros((b,), jnp.int32), seen,
                      jnp.zeros((b,), bool), None, accepted)
 
@@ -291,7 +293,7 @@ def prefill(model, req: Request, plan: Plan) -> LoopState:
     """The prompt in one forward: the first token's logits (and the filled cache)."""
     b, p = req.prompts.shape
     positions = req.positions(p)
-    if plan.tidar is not None:
+    if plan.block is not None:
         return tidar_prefill(model, req, plan)
     if not plan.cached:
         context = jnp.concatenate([req.prompts, jnp.zeros((b, plan.capacity), jnp.int32)], axis=1)
@@ -352,17 +354,16 @@ def tidar_prefill(model, req: Request, plan: Plan) -> LoopState:
     prompt and each other); only the prompt is written to the cache. The first token d_0 is
     picked from the mix of the last prompt token's logits and the first mask's, the drafts
     d_1.. are the argmax of the others."""
-    cfg, tidar = model.cfg, plan.tidar
+    cfg, block = model.cfg, plan.block
     b, p = req.prompts.shape
-    block = tidar.block
     tokens = jnp.concatenate([req.prompts, jnp.full((b, block), _mask_id(cfg), jnp.int32)], axis=1)
     positions = jnp.concatenate([req.positions(p), req.lengths[:, None] + jnp.arange(block)], axis=1)
     groups = jnp.concatenate([jnp.zeros(p, jnp.int32), jnp.ones(block, jnp.int32)])[None]
-    cache = model.init_cache(b, cache_size(cfg, p + plan.capacity, slack=block))
+    cache = model.init_cache(b, cache_size(cfg, p + plan.capacity, slack=block), per_row=True)
     logits, cache = model(tokens, positions, groups=groups, cache=cache, write=p)
     drafts = logits[:, p:]  # [B, block, V]
     state = _empty_state(model, req, plan, None, cache, None)
-    mixed = tidar.beta * logits[:, p - 1] + (1 - tidar.beta) * drafts[:, 0]
+    mixed = req.beta * logits[:, p - 1] + (1 - req.beta) * drafts[:, 0]
     d0 = next_token(never_sampled(cfg, mixed), state.seen, req.sampling, jax.random.fold_in(req.key, plan.capacity))  # steps use 0..capacity-1
     draft = jnp.concatenate([d0[:, None], jnp.argmax(never_sampled(cfg, drafts[:, 1:]), axis=-1)], axis=1)
     state = emit(state, req, d0[:, None], jnp.ones_like(d0))
@@ -414,8 +415,7 @@ def tidar_step(model, req: Request, plan: Plan, state: LoopState) -> LoopState:
     values are written to the cache, the mask tokens' never. Verification commits d_0..d_n (the
     cache's committed length grows by n + 1: the rejected drafts' slots are rolled back), emits
     d_1..d_n and y_n, and the next block is [y_n | argmax of M^(n)'s logits 1..B-1]."""
-    cfg, tidar = model.cfg, plan.tidar
-    block = tidar.block
+    cfg, block = model.cfg, plan.block
     b = state.draft.shape[0]
     offsets, groups = tidar_layout(block)
     start = req.lengths + state.count - 1  # d_0's position: the last emitted token
@@ -424,7 +424,7 @@ def tidar_step(model, req: Request, plan: Plan, state: LoopState) -> LoopState:
     logits, cache = model(tokens, start[:, None] + offsets, groups=jnp.asarray(groups)[None], cache=state.cache,
                           write=block)
     ar, drafts = logits[:, :block], logits[:, block:].reshape(b, block, block, -1)  # drafts[:, j, k]: M^(j)_k
-    targets = never_sampled(cfg, tidar.beta * ar + (1 - tidar.beta) * drafts[:, :, 0])
+    targets = never_sampled(cfg, req.beta * ar + (1 - req.beta) * drafts[:, :, 0])
     n, y = verify(targets, state.draft, state.seen, req.sampling, jax.random.fold_in(req.key, state.t))
     k = jnp.arange(block)[None]
     emitted = jnp.where(k < n[:, None], jnp.roll(state.draft, -1, axis=1), y[:, None])  # d_1..d_n, y_n
@@ -439,7 +439,7 @@ def tidar_step(model, req: Request, plan: Plan, state: LoopState) -> LoopState:
 
 
 def step(model, req: Request, plan: Plan, state: LoopState) -> LoopState:
-    return ar_step(model, req, plan, state) if plan.tidar is None else tidar_step(model, req, plan, state)
+    return ar_step(model, req, plan, state) if plan.block is None else tidar_step(model, req, plan, state)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
@@ -520,8 +520,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sa
     for row, s in zip(stop_array, stops):
         row[width - len(s):] = s
     req = Request(jnp.asarray(batch), jnp.asarray(lengths), jnp.int32(max_new), sampling.arrays(),
-                  jnp.int32(-1 if eos_id is None else eos_id), jnp.asarray(stop_array), jax.random.key(seed))
-    plan = Plan(capacity=bucket(max_new), cached=cached, padded=bool((lengths != p).any()), tidar=speculative)
+                  jnp.int32(-1 if eos_id is None else eos_id), jnp.asarray(stop_array), jax.random.key(seed),
+                  jnp.float32(1.0 if speculative is None else speculative.beta))
+    plan = Plan(capacity=bucket(max_new), cached=cached, padded=bool((lengths != p).any()),
+                block=None if speculative is None else speculative.block)
     graphdef, state = nnx.split(model.for_inference())
     if on_token is None:
         loop = _run(graphdef, state, req, plan=plan)

@@ -11,10 +11,10 @@ from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, Te
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from jaxllm.config import config_from_dict
-from jaxllm.decode import (Sampling, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, check_cacheable, filter_logits, generate, next_token)
+from jaxllm.decode import (Sampling, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, filter_logits, generate, next_token)
 from jaxllm.errors import DecodeError
 from jaxllm.model import Transformer
-from jaxllm.model.attention import LayerCache, causal_mask, position_mask, write_cache
+from jaxllm.model.attention import AttentionMask, LayerCache, causal_mask, visible, write_cache
 from torch_ref.generate import process_logits
 
 V = 64
@@ -161,13 +161,51 @@ def test_rolling_buffer_holds_the_last_slots_at_time_mod_size():
     assert np.asarray(buf)[0].tolist() == expected
 
 
-def test_position_mask_is_the_causal_window_and_skips_empty_slots():
+def test_rows_write_at_their_own_time_steps():
+    buf = write_cache(jnp.full((2, 5), -1), jnp.array([[10, 11, 12], [20, 21, 22]]), jnp.array([1, 4]))
+    assert np.asarray(buf).tolist() == [[-1, 10, 11, 12, -1], [21, 22, -1, -1, 20]]
+
+
+def rule_by_hand(q_pos, q_group, k_pos, k_group, window):
+    """docs/sampling.md's mask rule, one pair at a time."""
+    w = window or 10**9
+    out = np.zeros((len(q_pos), len(k_pos)), bool)
+    for i, (qp, qg) in enumerate(zip(q_pos, q_group)):
+        qg = -1 if qp < 0 else qg
+        first = min(p for p, g in zip(q_pos, q_group) if (-1 if p < 0 else g) == qg)
+        horizon = qp if qg == 0 else first - 1
+        for j, (kp, kg) in enumerate(zip(k_pos, k_group)):
+            kg = -1 if kp < 0 and kg != -2 else kg
+            out[i, j] = (kg == 0 and kp >= 0 and kp <= horizon and qp - kp < w) or (qg != 0 and kg == qg)
+    return out
+
+
+def test_the_mask_rule_is_the_causal_window_and_tidar_blocks_and_skips_empty_slots():
     pos = jnp.arange(40)[None]
+    zeros = jnp.zeros_like(pos)
     for window in (None, 1, 7):
-        np.testing.assert_array_equal(np.asarray(position_mask(pos, pos, window))[0], np.asarray(causal_mask(40, 40, window)))
-    slots = jnp.array([[8, 9, 6, 7, -1]])  # a rolling buffer of 4 (+ one empty slot), query at 9
-    assert np.asarray(position_mask(jnp.array([[9]]), slots, 4))[0, 0].tolist() == [True, True, True, True, False]
-    assert np.asarray(position_mask(jnp.array([[9]]), slots, 3))[0, 0].tolist() == [True, True, False, True, False]
+        np.testing.assert_array_equal(np.asarray(visible(pos, zeros, pos, zeros, window))[0],
+                                      np.asarray(causal_mask(40, 40, window)))
+    slots, slot_groups = jnp.array([[8, 9, 6, 7, -1]]), jnp.array([[0, 0, 0, 0, -2]])  # a rolling buffer of 4, query at 9
+    assert np.asarray(visible(jnp.array([[9]]), jnp.array([[0]]), slots, slot_groups, 4))[0, 0].tolist() == [True] * 4 + [False]
+    assert np.asarray(visible(jnp.array([[9]]), jnp.array([[0]]), slots, slot_groups, 3))[0, 0].tolist() == [True, True, False, True, False]
+    # papers.md 1.3's step for B = 3 after a prefix of 3 (positions 3 4 5 | 4 5 6 | 5 6 7 | 6 7 8), over a
+    # cache of the 3 prefix slots and the 3 drafts just written, then the 9 unwritten mask tokens
+    q_pos = [3, 4, 5, 4, 5, 6, 5, 6, 7, 6, 7, 8]
+    q_group = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    k_pos, k_group = [0, 1, 2, 3, 4, 5, -1] + q_pos[3:], [0] * 6 + [-2] + q_group[3:]
+    for window in (None, 3):
+        got = np.asarray(visible(jnp.array([q_pos]), jnp.array([q_group]), jnp.array([k_pos]), jnp.array([k_group]), window))[0]
+        np.testing.assert_array_equal(got, rule_by_hand(q_pos, q_group, k_pos, k_group, window))
+    got = np.asarray(visible(jnp.array([q_pos]), jnp.array([q_group]), jnp.array([k_pos]), jnp.array([k_group]), None))[0]
+    assert got[3].tolist() == [True] * 4 + [False] * 3 + [True] * 3 + [False] * 6  # M^(0) sees 0..3 (d_0) and its block
+    assert got[11].tolist() == [True] * 6 + [False] * 7 + [True] * 3  # M^(2) sees d_0..d_2, not the other blocks
+    assert not got[:3, 7:].any()  # the drafts never see a mask token
+    # left padding sees only padding (no empty row) and nobody sees padding
+    pad_pos, groups = jnp.array([[-1, -1, 0, 1]]), jnp.zeros((1, 4), jnp.int32)
+    got = np.asarray(visible(pad_pos, jnp.where(pad_pos < 0, -1, groups), pad_pos, jnp.where(pad_pos < 0, -1, groups), None))[0]
+    assert got.tolist() == [[True, True, False, False], [True, True, False, False],
+                            [False, False, True, False], [False, False, True, True]]
 
 
 @pytest.mark.parametrize("variant,heads", [("deepseek", 1), ("seed004", 4)])
@@ -181,7 +219,7 @@ def test_mla_cache_holds_the_latent_and_the_rope_key_per_token(variant, heads):
         assert c_kv.shape == (3, 50, c) and k_rope.shape == (3, 50, heads, r)
         assert c_kv[0, 0].size + k_rope[0, 0].size == c + heads * r  # per token and layer: C + R (DeepSeek)
     # and the cache a generation fills has those shapes: run the jitted prefill's layer directly
-    prefill = nnx.jit(lambda attn, x, pos, buffers: attn(x, pos, jnp.ones((3, 5, 5), bool),
+    prefill = nnx.jit(lambda attn, x, pos, buffers: attn(x, pos, AttentionMask(jnp.ones((3, 5, 5), bool), None),
                                                           LayerCache(buffers, jnp.int32(0), True)))
     _, layer_cache = prefill(m.layers[0].attn, jnp.ones((3, 5, 32)), jnp.broadcast_to(jnp.arange(5), (3, 5)), cache[0])
     c_kv, k_rope = layer_cache.buffers
@@ -198,13 +236,11 @@ def test_the_one_forward_with_a_cache_gives_the_logits_of_the_forward_without(at
     prefill, cache = m(tokens[:, :8], cache=m.init_cache(2, 16), last_only=True)
     assert prefill.shape == (2, 1, V) and int(cache.step) == 8 and not cache.prefill
     np.testing.assert_allclose(np.asarray(prefill[:, 0]), full[:, 7], atol=1e-5)
-    slots = jnp.where(jnp.arange(16) < 8, jnp.arange(16), -1)[None].repeat(2, 0)
     for t in range(8, 12):  # one token per step, over the slots (MLA: absorbed weights)
-        slots = write_cache(slots, jnp.full((2, 1), t), cache.step)
-        pos = jnp.full((2, 1), t)
-        logits, cache = m(tokens[:, t:t + 1], pos, position_mask(pos, slots), cache=cache)
+        logits, cache = m(tokens[:, t:t + 1], jnp.full((2, 1), t), cache=cache)
         np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, t], atol=1e-4)
     assert int(cache.step) == 12
+    assert np.asarray(cache.positions).tolist() == [list(range(12)) + [-1] * 4] * 2
 
 
 def test_attention_cache_is_keys_and_values_of_the_kv_heads(model):
@@ -267,22 +303,39 @@ def test_bad_prompts_are_one_line_errors(model, prompts, message):
     assert "\n" not in str(e.value)
 
 
-def test_models_the_cache_does_not_cover_are_refused_by_name():
-    cfg = config_from_dict({"model": dict(n_layer=3, recursion=dict(mode="loop", n_prelude=1, n_core=1))}).model
-    with pytest.raises(DecodeError, match="model.recursion.mode='loop'.*--no-cache"):
-        check_cacheable(cfg)
+@pytest.mark.parametrize("mode", ["loop", "trm"])
+def test_recursive_models_decode_with_a_cache_per_core_call(mode):
+    m = model_for(n_layer=4, position=dict(kind="rope"), recursion=dict(mode=mode, n_prelude=1, n_core=2, n_loops=2))
+    cache = m.init_cache(2, 40)
+    calls = 2 * (m.recursion.steps_per_loop)
+    assert [k.shape[0] for k, _ in cache.layers] == [2, calls, calls, 2]  # the core: one cache per call
+    prompts = [[5, 9, 2, 7, 1], list(range(1, 12))]
+    assert generate(m, prompts, max_new_tokens=20) == generate(m, prompts, max_new_tokens=20, cached=False)
 
 
-def test_the_loop_reads_matmul_weights_in_the_compute_dtype_and_norms_in_float32():
-    from jaxllm.decode import _compute_state
-
-    m = model_for(dtype="bfloat16", position=dict(kind="rope"), norm=dict(kind="rmsnorm"), tie_embeddings=False)
-    graphdef, state = nnx.split(m)
-    dtypes = {".".join(map(str, path)): var.dtype for path, var in nnx.to_flat_state(_compute_state(graphdef, state))}
+def test_for_inference_puts_matmul_weights_in_the_compute_dtype_and_keeps_norms_in_float32():
+    m = model_for(dtype="bfloat16", position=dict(kind="rope"), norm=dict(kind="rmsnorm"), tie_embeddings=False,
+                  moe=dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+                           shared_intermediate_size=16))
+    dtypes = {".".join(map(str, path)): var.dtype for path, var in nnx.to_flat_state(nnx.state(m.for_inference()))}
     assert dtypes["layers.0.attn.q_proj.weight"] == dtypes["lm_head.weight"] == dtypes["embed_tokens.weight"] == jnp.bfloat16
+    assert dtypes["layers.0.mlp.experts.gate_proj"] == dtypes["layers.0.mlp.shared_mlp.up_proj.weight"] == jnp.bfloat16
     assert dtypes["layers.0.attn_norm.weight"] == dtypes["final_norm.weight"] == jnp.float32
+    assert dtypes["layers.0.mlp.router.weight"] == jnp.float32  # the router computes in float32
     assert m.layers[0].attn.q_proj.weight[...].dtype == jnp.float32  # the model itself is untouched
-    assert len(generate(m, [[1, 2, 3]], max_new_tokens=8)[0]) == 8
+    np.testing.assert_array_equal(np.asarray(m.for_inference()(jnp.array([[1, 2, 3]]))), np.asarray(m(jnp.array([[1, 2, 3]]))))
+
+
+def test_generate_is_re_entrant_a_stream_may_decode_inside_a_stream(model):
+    inner = []
+
+    def on_token(tokens, active):
+        if not inner:  # a second generation from inside the first one's stream
+            inner.append(generate(model, [[4, 5]], max_new_tokens=5, on_token=lambda t, a: None))
+
+    outer = generate(model, [[1, 2, 3]], max_new_tokens=12, on_token=on_token)
+    assert outer == generate(model, [[1, 2, 3]], max_new_tokens=12)
+    assert inner == [generate(model, [[4, 5]], max_new_tokens=5)]
 
 
 def test_generate_long_shifts_the_context_and_continues(model):

@@ -66,9 +66,11 @@ def write_cache(buf: jax.Array, new: jax.Array, step: jax.Array) -> jax.Array:
     if t > s:
         new, step, t = new[:, t - s:], step + (t - s), s
     new = new.astype(buf.dtype)
-    slots = (jnp.asarray(step)[..., None] + jnp.arange(t)) % s  # [B, T] or [T]
-    if slots.ndim == 1:
-        return buf.at[:, slots].set(new)
+    if jnp.ndim(step) == 0:
+        if t == 1:
+            return jax.lax.dynamic_update_slice_in_dim(buf, new, step % s, axis=1)
+        return buf.at[:, (step + jnp.arange(t)) % s].set(new)
+    slots = (step[:, None] + jnp.arange(t)) % s  # [B, T]
     return buf.at[jnp.arange(buf.shape[0])[:, None], slots].set(new)
 
 
@@ -77,7 +79,8 @@ def write_cache(buf: jax.Array, new: jax.Array, step: jax.Array) -> jax.Array:
 class LayerCache:
     """One layer's decode cache, as its attention's `__call__` takes and returns it: the buffers
     [B, S, ...] its `init_cache` made (keys and values; MLA: c_kv and k_rope), and what the call
-    needs to know (see DecodeCache): `step` [B], each row's time step of the first new token,
+    needs to know (see DecodeCache): `step`, the time step of the first new token (a scalar, or
+    [B] per row),
     `prefill` (static: the new tokens attend over themselves only) and `write` (static: how many
     of the new tokens go into the cache; None: all)."""
     buffers: tuple[jax.Array, ...]
@@ -104,8 +107,10 @@ class LayerCache:
 class DecodeCache:
     """The model's decode cache (`Transformer.init_cache`): each layer's buffers (a looped core's
     layers: one set per core application, stacked on a leading axis), `positions` [B, S] the token
-    position held in each slot (-1: empty or padding), `step` [B] each row's time step of the next
-    write (time step t lives in slot t mod S) and `prefill` (static: nothing written yet).
+    position held in each slot (-1: empty or padding), `step` the time step of the next write
+    (time step t lives in slot t mod S): a scalar when every row writes the same slots (plain
+    decoding), [B] when rows commit different numbers of tokens (TiDAR); and `prefill` (static:
+    nothing written yet).
 
     A forward given the cache writes the first `write` new tokens (all by default) at time steps
     step.. of each row and returns the cache with `step` advanced past them and `prefill` off.

@@ -84,7 +84,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
             if cache is not None:
-                positions = positions + cache.step[:, None]
+                positions = positions + jnp.asarray(cache.step)[..., None]
         slot_positions = None if cache is None else write_cache(
             cache.positions, positions[:, :write], cache.step)
         positions = jnp.clip(positions, 0, cfg.max_seq_len - 1)  # padding (-1) and drafts past the context
@@ -126,7 +126,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(shape[1]), shape)
             if cache is not None:
-                positions = positions + cache.step[:, None]
+                positions = positions + jnp.asarray(cache.step)[..., None]
         groups = jnp.zeros(shape, jnp.int32) if groups is None else jnp.broadcast_to(groups, shape)
         groups = jnp.where(positions < 0, -1, groups)
         k_pos, k_group = positions, groups
@@ -137,9 +137,10 @@ class Transformer(nnx.Module):
             k_group = jnp.concatenate([jnp.where(slots >= 0, 0, -2), groups[:, n:]], axis=1)
         return AttentionMask(visible(positions, groups, k_pos, k_group, window), window)
 
-    def init_cache(self, batch: int, size: int) -> DecodeCache:
+    def init_cache(self, batch: int, size: int, per_row: bool = False) -> DecodeCache:
         """An empty decode cache of `size` slots per layer (each attention's `init_cache`, in the
-        embedding's compute dtype; a looped core's layers one per core call), set for a prefill."""
+        embedding's compute dtype; a looped core's layers one per core call), set for a prefill;
+        `per_row`: a committed length per row (TiDAR) rather than one for the batch."""
         dtype = self.embed_tokens.dtype
         layers = []
         for i, block in enumerate(self.layers):
@@ -147,7 +148,8 @@ class Transformer(nnx.Module):
             if self._in_core(i):
                 buffers = tuple(jnp.zeros((self.recursion.n_calls, *b.shape), b.dtype) for b in buffers)
             layers.append(buffers)
-        return DecodeCache(tuple(layers), jnp.full((batch, size), -1, jnp.int32), jnp.zeros((batch,), jnp.int32), True)
+        step = jnp.zeros((batch,) if per_row else (), jnp.int32)
+        return DecodeCache(tuple(layers), jnp.full((batch, size), -1, jnp.int32), step, True)
 
     def _in_core(self, i: int) -> bool:
         r = self.cfg.recursion
