@@ -555,26 +555,29 @@ def _stream(on_token, loop: LoopState, shown: np.ndarray, offset: int) -> np.nda
 
 
 def generate_long(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int = 0,
-                  cached: bool = True, **kwargs) -> list[list[int]]:
+                  cached: bool = True, return_stats: bool = False, **kwargs):
     """`generate`, continuing past the context: when the context is full, the last half of each
     unfinished row (prompt and output so far) becomes its prompt for the next chunk, as
     llama.cpp's context shift does (chunk c draws with seed + c). Rows that meet EOS or a stop
-    sequence end as in `generate`."""
+    sequence end as in `generate`. With `return_stats`, (tokens, the chunks' DecodeStats joined)."""
     cfg = model.cfg
     keep = max(1, cfg.max_seq_len // 2)
     contexts = [list(map(int, p)) for p in prompts]
     outs: list[list[int]] = [[] for _ in contexts]
     active = list(range(len(contexts)))
     chunk = 0
+    speculative = kwargs.get("speculative")
+    stats = DecodeStats(1 if speculative is None else speculative.block, [[] for _ in contexts])
     while active:
         remaining = max_new_tokens - len(outs[active[0]])  # unfinished rows all have the same count
         if remaining <= 0:
             break
         limit = min(remaining, cfg.max_seq_len - max(len(contexts[r]) for r in active))
-        new = generate(model, [contexts[r] for r in active], max_new_tokens=remaining, seed=seed + chunk,
-                       cached=cached, **kwargs)
+        new, chunk_stats = generate(model, [contexts[r] for r in active], max_new_tokens=remaining,
+                                    seed=seed + chunk, cached=cached, return_stats=True, **kwargs)
         still = []
-        for r, tokens in zip(active, new):
+        for r, tokens, accepted in zip(active, new, chunk_stats.accepted):
+            stats.accepted[r] += accepted
             outs[r] += tokens
             ended = len(tokens) < limit or (tokens and (tokens[-1] == kwargs.get("eos_id") or any(
                 len(s) and outs[r][-len(s):] == list(s) for s in kwargs.get("stop_sequences", ()))))
@@ -582,4 +585,4 @@ def generate_long(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
                 still.append(r)
                 contexts[r] = (contexts[r] + tokens)[-keep:]
         active, chunk = still, chunk + 1
-    return outs
+    return (outs, stats) if return_stats else outs

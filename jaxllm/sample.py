@@ -52,6 +52,13 @@ def parser() -> ArgumentParser:
                    help="stop at this token id (default: the tokenizer's <|endoftext|> if it has one)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not token by token")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token (the reference path)")
+    p.add_argument("--speculative", choices=["tidar"], default=None,
+                   help="self-speculative decoding with a TiDAR model's diffusion drafts (default: off)")
+    p.add_argument("--block", type=int, default=None,
+                   help="with --speculative: tokens drafted per forward (default: the model's diffusion.block_size)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="with --speculative: trust in the AR logits over the drafts' when verifying; "
+                        "1 gives exactly the AR model's tokens (default: 1)")
     p.add_argument("--engine", choices=["jax", "torch"], default="jax", help="jaxllm or torch_ref (default: jax)")
     p.add_argument("--platform", choices=["cpu", "cuda", "tpu", "metal"], default=None,
                    help="JAX backend (default: JAX_PLATFORMS or jax's choice)")
@@ -188,6 +195,8 @@ class Settings:
     min_p: float
     repetition_penalty: float
     seed: int
+    block: int | None = None  # TiDAR's draft length; None: plain decoding
+    beta: float = 1.0
 
 
 def decode_texts(loaded: Loaded, texts: list[str], settings: Settings, *, stops: list[str], eos_id: int | None,
@@ -206,21 +215,43 @@ def decode_texts(loaded: Loaded, texts: list[str], settings: Settings, *, stops:
     if stream:  # the prompt first, once it is known to be decodable
         sys.stdout.write(texts[0])
         sys.stdout.flush()
+    stats = None
     if loaded.engine == "jax":
-        from jaxllm.decode import generate_long
+        from jaxllm.decode import TiDAR, generate_long
 
+        speculative = None if settings.block is None else TiDAR(settings.block, settings.beta)
         outs = generate_long(loaded.model, prompts, max_new_tokens=settings.max_new_tokens, sampling=sampling,
-                        eos_id=eos_id, stop_sequences=stop_ids, seed=settings.seed, cached=cached, on_token=printer)
+                             eos_id=eos_id, stop_sequences=stop_ids, seed=settings.seed, cached=cached,
+                             on_token=printer, speculative=speculative, return_stats=speculative is not None)
+        if speculative is not None:
+            outs, stats = outs
     else:
         from torch_ref.generate import generate
 
         outs = generate(loaded.model, prompts, settings.max_new_tokens, settings.temperature, settings.top_k,
                         settings.top_p, settings.min_p, settings.repetition_penalty, eos_id, stop_ids,
-                        settings.seed, cached, printer)
+                        settings.seed, cached, printer, speculative=None if settings.block is None else "tidar",
+                        block=settings.block or 1, beta=settings.beta, return_stats=settings.block is not None)
+        if settings.block is not None:
+            from jaxllm.decode import DecodeStats
+
+            outs, accepted = outs
+            stats = DecodeStats(settings.block, accepted)
     texts = [truncate_at_stop(tok.decode([i for i in ids if i != eos_id]), stops) for ids in outs]
     if printer is not None:
         sys.stdout.write(texts[0][printer.printed:])  # whatever the stream held back
+    if stats is not None:
+        print_stats(stats)
     return texts
+
+
+def print_stats(stats) -> None:
+    """TiDAR's figures for one generation, on stderr (stdout holds the text)."""
+    sys.stdout.flush()
+    hist = " ".join(f"{n}:{c}" for n, c in enumerate(stats.histogram()))
+    print(f"\n[tidar block {stats.block}] {stats.tokens_per_forward:.2f} tokens per forward over "
+          f"{stats.forwards} forwards, acceptance {100 * stats.acceptance_rate:.1f}% of drafts; "
+          f"forwards by drafts accepted: {hist}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +314,22 @@ def interactive(loaded: Loaded, settings: Settings, *, stops, eos_id, cached, st
             print(f"error: {e}")
 
 
+def speculative_settings(args, cfg) -> tuple[int | None, float]:
+    """(block, beta) from --speculative / --block / --beta, checked: one-line errors."""
+    if args.speculative is None:
+        for flag, value in (("--block", args.block), ("--beta", args.beta)):
+            if value is not None:
+                raise DecodeError(f"{flag} is {value}, but it only applies with --speculative tidar")
+        return None, 1.0
+    from jaxllm.decode import TiDAR
+
+    spec = TiDAR(cfg.diffusion.block_size if args.block is None else args.block,
+                 1.0 if args.beta is None else args.beta).validate(cfg)
+    if args.no_cache:
+        raise DecodeError("--speculative needs the KV cache; drop --no-cache")
+    return spec.block, spec.beta
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from jaxllm.platform import select_platform
@@ -302,7 +349,7 @@ def main(argv: list[str]) -> int:
     select_platform(args.platform)
     loaded = load(args)
     settings = Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
-                        args.repetition_penalty, args.seed)
+                        args.repetition_penalty, args.seed, *speculative_settings(args, loaded.cfg))
     eos_id = eos_of(loaded.tokenizer, args.eos_id)
     cached = not args.no_cache
     if args.interactive:

@@ -102,3 +102,52 @@ def test_missing_files_are_one_line_errors(checkpoint, capsys, tmp_path):
     ]:
         code, _, err = sample(capsys, *args)
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+@pytest.fixture(scope="module")
+def tidar_checkpoint(tmp_path_factory):
+    """A small random TiDAR model (model.diffusion: one more id, [MASK], past the characters)."""
+    directory = tmp_path_factory.mktemp("tidar")
+    tokenizer = CharTokenizer(CHARS)
+    cfg = config_from_dict({"model": dict(vocab_size=tokenizer.vocab_size + 1, d_model=32, n_layer=2, max_seq_len=64,
+                                          position=dict(kind="rope"), attention=dict(n_head=4, n_kv_head=2),
+                                          init_std=0.3, diffusion=dict(enabled=True, block_size=4))}).model
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    save_safetensors(directory / "model.safetensors", model, config=to_dict(cfg))
+    tokenizer.save(directory / "tokenizer.json")
+    return directory / "model.safetensors", model, tokenizer
+
+
+@pytest.mark.parametrize("engine", ["jax", "torch"])
+def test_speculative_tidar_prints_the_greedy_text_and_its_figures(tidar_checkpoint, capsys, engine):
+    path, model, tokenizer = tidar_checkpoint
+    args = ["--checkpoint", path, "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "24",
+            "--engine", engine]
+    code, plain, err = sample(capsys, *args)
+    assert code == 0, err
+    code, out, err = sample(capsys, *args, "--speculative", "tidar", "--block", "3")
+    assert code == 0, err
+    assert out == plain  # beta 1 (the default): exactly the AR model's text
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("[tidar block 3] ") and "tokens per forward" in line and "acceptance" in line
+    forwards = int(line.split(" over ")[1].split()[0])
+    hist = dict(item.split(":") for item in line.split("accepted: ")[1].split())
+    assert sorted(hist) == ["0", "1", "2"] and sum(map(int, hist.values())) == forwards
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--speculative", "tidar"], "needs a model trained with model.diffusion.enabled"),
+    (["--block", "4"], "--block is 4, but it only applies with --speculative tidar"),
+])
+def test_speculative_misuse_is_one_line_and_exit_2(checkpoint, capsys, args, message):
+    code, out, err = sample(capsys, "--checkpoint", checkpoint[0], "--prompt", "hi", *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_speculative_bad_block_and_beta_are_one_line_errors(tidar_checkpoint, capsys):
+    for args, message in ((["--block", "0"], "block is 0; allowed"), (["--beta", "2"], "beta is 2.0; allowed"),
+                          (["--no-cache"], "needs the KV cache")):
+        code, out, err = sample(capsys, "--checkpoint", tidar_checkpoint[0], "--prompt", "hi", "--speculative", "tidar",
+                                *args)
+        assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
