@@ -144,13 +144,6 @@ def never_sampled(cfg, logits: jax.Array) -> jax.Array:
     return logits.at[..., mask_token_id(cfg)].set(NEG_INF)
 
 
-def cache_size(cfg, total: int, slack: int = 0) -> int:
-    """Slots per layer: every time step of the bucket, or the last `window` of them (a rolling
-    buffer), plus `slack` slots for the drafts a TiDAR step writes past the committed length."""
-    window = cfg.attention.window
-    return (total if window is None else min(window, total)) + slack
-
-
 @dataclasses.dataclass(frozen=True)
 class TiDAR:
     """TiDAR self-speculative decoding (papers.md §1.3, docs/sampling.md): each forward verifies
@@ -299,7 +292,7 @@ def prefill(model, req: Request, plan: Plan) -> LoopState:
         context = jnp.concatenate([req.prompts, jnp.zeros((b, plan.capacity), jnp.int32)], axis=1)
         state = _empty_state(model, req, plan, None, None, context)
         return dataclasses.replace(state, logits=recompute_logits(model, req, plan, context, jnp.int32(0)))
-    cache = model.init_cache(b, cache_size(model.cfg, p + plan.capacity))
+    cache = model.init_cache(b, p + plan.capacity)
     logits, cache = model(req.prompts, positions, cache=cache, last_only=True)
     return _empty_state(model, req, plan, logits[:, 0], cache, None)
 
@@ -359,7 +352,7 @@ def tidar_prefill(model, req: Request, plan: Plan) -> LoopState:
     tokens = jnp.concatenate([req.prompts, jnp.full((b, block), _mask_id(cfg), jnp.int32)], axis=1)
     positions = jnp.concatenate([req.positions(p), req.lengths[:, None] + jnp.arange(block)], axis=1)
     groups = jnp.concatenate([jnp.zeros(p, jnp.int32), jnp.ones(block, jnp.int32)])[None]
-    cache = model.init_cache(b, cache_size(cfg, p + plan.capacity, slack=block), per_row=True)
+    cache = model.init_cache(b, p + plan.capacity, slack=block, per_row=True)
     logits, cache = model(tokens, positions, groups=groups, cache=cache, write=p)
     drafts = logits[:, p:]  # [B, block, V]
     state = _empty_state(model, req, plan, None, cache, None)

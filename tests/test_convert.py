@@ -184,7 +184,7 @@ RUNNABLE = {  # every kind of non-Param state: RNG streams, Buffers, ExpertLoad
 def test_model_from_state_dict_is_concrete_and_runs_trains_and_decodes(name, monkeypatch):
     import optax
 
-    from jaxllm.decode import generate, needs_full_recompute
+    from jaxllm.decode import generate
     from jaxllm.model.losses import lm_loss
 
     cfg = RUNNABLE[name]
@@ -208,9 +208,8 @@ def test_model_from_state_dict_is_concrete_and_runs_trains_and_decodes(name, mon
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 17)))
     np.testing.assert_array_equal(np.asarray(model(tokens[:, :-1])), np.asarray(source(tokens[:, :-1])))
-    prompts, cached = [[1, 2, 3], [4, 5, 6]], not needs_full_recompute(cfg)
-    assert generate(model, prompts, max_new_tokens=4, cached=cached) == generate(source, prompts, max_new_tokens=4,
-                                                                                  cached=cached)
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    assert generate(model, prompts, max_new_tokens=4) == generate(source, prompts, max_new_tokens=4)
     model.train()
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     losses = []

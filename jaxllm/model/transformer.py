@@ -137,10 +137,14 @@ class Transformer(nnx.Module):
             k_group = jnp.concatenate([jnp.where(slots >= 0, 0, -2), groups[:, n:]], axis=1)
         return AttentionMask(visible(positions, groups, k_pos, k_group, window), window)
 
-    def init_cache(self, batch: int, size: int, per_row: bool = False) -> DecodeCache:
-        """An empty decode cache of `size` slots per layer (each attention's `init_cache`, in the
-        embedding's compute dtype; a looped core's layers one per core call), set for a prefill;
+    def init_cache(self, batch: int, length: int, *, slack: int = 0, per_row: bool = False) -> DecodeCache:
+        """An empty decode cache for `length` time steps, set for a prefill: per layer (each
+        attention's `init_cache`, in the embedding's compute dtype; a looped core's layers one per
+        core call) a slot for every step, or with a sliding window the last `window` of them (a
+        rolling buffer), plus `slack` slots (TiDAR: drafts written past the committed length).
         `per_row`: a committed length per row (TiDAR) rather than one for the batch."""
+        window = self.cfg.attention.window
+        size = (length if window is None else min(window, length)) + slack
         dtype = self.embed_tokens.dtype
         layers = []
         for i, block in enumerate(self.layers):
