@@ -284,16 +284,15 @@ def _empty_state(model, req: Request, plan: Plan, logits, cache, context) -> Loo
 
 def prefill(model, req: Request, plan: Plan) -> LoopState:
     """The prompt in one forward: the first token's logits (and the filled cache)."""
-    b, p = req.prompts.shape
-    positions = req.positions(p)
     if plan.block is not None:
         return tidar_prefill(model, req, plan)
+    b, p = req.prompts.shape
     if not plan.cached:
         context = jnp.concatenate([req.prompts, jnp.zeros((b, plan.capacity), jnp.int32)], axis=1)
         state = _empty_state(model, req, plan, None, None, context)
         return dataclasses.replace(state, logits=recompute_logits(model, req, plan, context, jnp.int32(0)))
     cache = model.init_cache(b, p + plan.capacity)
-    logits, cache = model(req.prompts, positions, cache=cache, last_only=True)
+    logits, cache = model(req.prompts, req.positions(p), cache=cache, last_only=True)
     return _empty_state(model, req, plan, logits[:, 0], cache, None)
 
 
