@@ -24,7 +24,7 @@ def mask_window_plus_one(t, window=None):  # the paper's literal i - W: W + 1 ke
     return (j <= i) & ((i - j <= window) if window is not None else True)
 
 
-def gqa_modulo_forward(self, x, positions, mask=None, cache=None):  # query head n reads kv head n % K instead of n // G
+def gqa_modulo_forward(self, x, positions, mask, cache=None):  # query head n reads kv head n % K instead of n // G
     B, T, _ = x.shape
     q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
     k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -34,7 +34,7 @@ def gqa_modulo_forward(self, x, positions, mask=None, cache=None):  # query head
         q, k = layers.apply_rope(q, *rope), layers.apply_rope(k, *rope)
     groups = self.n_head // self.n_kv_head
     k, v = k.repeat(1, groups, 1, 1), v.repeat(1, groups, 1, 1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=layers.causal_mask(T, self.window))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
     return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -50,26 +50,24 @@ def rope_theta_ignored(positions, head_dim, theta, _angles=layers.rope_angles):
     return _angles(positions, head_dim, 10000.0)
 
 
-def tidar_mask_leaking_labels(s, block_size, window=None, _mask=ref.tidar_mask):
+def horizon_leaking_labels(positions, groups, _horizon=layers.horizon):
     # the pitfall of papers.md §1.2: a mask token also sees the clean token at its block's start
-    mask = _mask(s, block_size, window)
-    for j in range(block_size, s):
-        mask[s + j, j // block_size * block_size] = True
-    return mask
+    return _horizon(positions, groups) + (groups > 0).long()
 
 
-def recursion_with_gradient_through_every_loop(self, core, e, positions, mask, _forward=ref.RecursiveBlock.forward):
+def recursion_with_gradient_through_every_loop(self, core, e, positions, mask, caches,
+                                               _forward=ref.RecursiveBlock.forward):
     self.n_grad_loops = self.r.n_loops  # the no-gradient loops forgotten
-    return _forward(self, core, e, positions, mask)
+    return _forward(self, core, e, positions, mask, caches)
 
 
 MUTATIONS = {
     "rope-layout": (dict(position=dict(kind="rope")), layers, "apply_rope", rope_interleaved),
     "rope-theta": (dict(position=dict(kind="rope", rope_theta=500000.0)), layers, "rope_angles", rope_theta_ignored),
-    "window-off-by-one": (dict(attention=dict(n_head=4, window=16)), layers, "causal_mask", mask_window_plus_one),
+    "window-off-by-one": (dict(attention=dict(n_head=4, window=16)), ref, "causal_mask", mask_window_plus_one),
     "gqa-grouping": (dict(position=dict(kind="rope"), attention=dict(n_head=4, n_kv_head=2)), layers.Attention,
                      "forward", gqa_modulo_forward),
-    "tidar-label-leak": (dict(diffusion=dict(enabled=True, block_size=8)), ref, "tidar_mask", tidar_mask_leaking_labels),
+    "tidar-label-leak": (dict(diffusion=dict(enabled=True, block_size=8)), layers, "horizon", horizon_leaking_labels),
     "recursion-no-grad-loops": (dict(recursion=dict(mode="loop", n_core=1, n_loops=3, n_grad_loops=1)),
                                 ref.RecursiveBlock, "forward", recursion_with_gradient_through_every_loop),
     "rezero-alpha": (dict(rezero=True), ref.Block, "residual", residual_without_alpha),

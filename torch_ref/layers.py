@@ -1,5 +1,6 @@
 """The dense building blocks shared by torch_ref's model, MLA and MoE: config access, norms, RoPE,
-the causal sliding-window mask, a layer's decoding cache, attention (MHA / GQA / MQA) and the MLP.
+the attention masks (the causal sliding window and the one mask rule), a layer's view of the
+decoding cache, attention (MHA / GQA / MQA) and the MLP.
 `model.py`, `mla.py` and `moe.py` import from here; this file imports none of them.
 """
 from types import SimpleNamespace
@@ -46,38 +47,66 @@ def causal_mask(t, window=None):
     return allowed
 
 
+def horizon(positions, groups):
+    """[B, T]: the last causal position each query may see: its own (group 0), or one before the
+    smallest position among its row's tokens of its mask block (group g >= 1)."""
+    same = groups[:, :, None] == groups[:, None, :]
+    first = positions[:, None, :].expand_as(same).masked_fill(~same, positions.max() + 1).amin(-1)
+    return torch.where(groups > 0, first - 1, positions)
+
+
+def visible(q_pos, q_group, k_pos, k_group, window=None):
+    """The one mask rule (docs/decoding-design.md §1): [B, T, S] booleans, True where query t may see
+    key s. Positions [B, T] / [B, S], groups [B or 1, ...] (0 causal, g >= 1 mask block g); a
+    negative position is padding (group -1): it sees only padding, and nobody sees it.
+
+        allowed = (k.group == 0 and k.p >= 0 and k.p <= q.horizon and q.p - k.p < window)
+                  or (q.group != 0 and k.group == q.group)
+    """
+    q_group = torch.where(q_pos < 0, -1, q_group)
+    k_group = torch.where(k_pos < 0, -1, k_group)
+    q_p, k_p = q_pos[:, :, None], k_pos[:, None, :]
+    causal = (k_group[:, None, :] == 0) & (k_p >= 0) & (k_p <= horizon(q_pos, q_group)[:, :, None])
+    if window is not None:
+        causal &= q_p - k_p < window
+    block = (q_group[:, :, None] != 0) & (k_group[:, None, :] == q_group[:, :, None])
+    return causal | block
+
+
 def write_cache(buf, new, step):
-    """Write new [B, T, ...] at time steps step.. into buf [B, S, ...], slot = time % S (keeps the last S)."""
+    """Write new [B, T, ...] at time steps step[b].. of each row of buf [B, S, ...], slot = time % S
+    (keeps the last S)."""
     S, T = buf.shape[1], new.shape[1]
     if T > S:
         new, step, T = new[:, T - S:], step + T - S, S
-    buf[:, (step + torch.arange(T, device=buf.device)) % S] = new.to(buf.dtype)
-    return buf
+    slots = (step[:, None] + torch.arange(T, device=buf.device)) % S
+    buf[torch.arange(len(buf), device=buf.device)[:, None], slots] = new.to(buf.dtype)
 
 
 class LayerCache:
-    """One layer's decoding cache: buffers [B, S, ...] (attention: keys and values; MLA: its latents)
-    and `step`, the time steps written so far. Time step t lives in slot t % S, so with a sliding
-    window the buffers are a rolling window of S = W slots."""
+    """One attention layer's buffers [B, S, ...] (keys and values, or MLA's latents) as one forward
+    sees them: it writes its first `write` new entries at time steps step[b].. of each row (slot =
+    time % S). A prefill (the cache was empty) attends over the new entries themselves; a decoding
+    step over every slot, then the new entries it does not write (TiDAR's mask tokens)."""
 
-    def __init__(self, *buffers):
-        self.buffers, self.step = buffers, 0
+    def __init__(self, buffers, step, write, prefill):
+        self.buffers, self.step, self.write, self.prefill = buffers, step, write, prefill
 
     def update(self, *new):
-        """Write the new entries [B, T, ...]; returns what the new queries attend over: the new entries
-        themselves if the cache was empty (the prefill), else the whole buffers (a decoding step)."""
-        prefill = self.step == 0
+        """Write the new entries [B, T, ...]; returns what the queries attend over."""
         for buf, entries in zip(self.buffers, new):
-            write_cache(buf, entries, self.step)
-        self.step += new[0].shape[1]
-        return new if prefill else self.buffers
+            write_cache(buf, entries[:, :self.write], self.step)
+        if self.prefill:
+            return new
+        return tuple(torch.cat([buf.to(entries.dtype), entries[:, self.write:]], dim=1)
+                     for buf, entries in zip(self.buffers, new))
 
 
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         a = cfg.attention
-        self.n_head, self.n_kv_head, self.head_dim, self.window = a.n_head, a.n_kv_head, a.head_dim, a.window
+        self.n_head, self.n_kv_head, self.head_dim = a.n_head, a.n_kv_head, a.head_dim
         self.q_proj = nn.Linear(cfg.d_model, a.n_head * a.head_dim, bias=a.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, a.n_kv_head * a.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, a.n_kv_head * a.head_dim, bias=a.qkv_bias)
@@ -86,12 +115,12 @@ class Attention(nn.Module):
         self.rope_theta = cfg.position.rope_theta if cfg.position.kind == "rope" else None
 
     def init_cache(self, batch, size, dtype, device):
-        return LayerCache(*(torch.zeros(batch, size, self.n_kv_head, self.head_dim, dtype=dtype, device=device)
-                            for _ in range(2)))
+        """Keys and values [B, S, K, H]."""
+        return tuple(torch.zeros(batch, size, self.n_kv_head, self.head_dim, dtype=dtype, device=device)
+                     for _ in range(2))
 
-    def forward(self, x, positions, mask=None, cache=None):
-        """mask [B or 1, T, S] (True: may attend) replaces the causal sliding window (TiDAR, decoding).
-        cache: this layer's LayerCache of keys and values [B, S, K, H], updated in place."""
+    def forward(self, x, positions, mask, cache=None):
+        """mask [B or 1, T, S] (True: may attend). cache: this layer's LayerCache, written in place."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # [B, N, T, H]
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, H]
@@ -103,8 +132,7 @@ class Attention(nn.Module):
             k, v = (t.transpose(1, 2) for t in cache.update(k.transpose(1, 2), v.transpose(1, 2)))
         groups = self.n_head // self.n_kv_head  # query head n reads kv head n // groups
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        mask = causal_mask(T, self.window).to(x.device) if mask is None else mask[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

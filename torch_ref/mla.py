@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_ref.layers import LayerCache, causal_mask
 
 
 def yarn_get_mscale(factor, mscale):
@@ -72,7 +71,7 @@ class MultiHeadLatentAttention(nn.Module):
         a, m = cfg.attention, cfg.attention.mla
         d, n, c, cq = cfg.d_model, a.n_head, m.kv_lora_rank, m.q_lora_rank
         nope, r, hv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
-        self.mla, self.n_head, self.window, self.dropout = m, n, a.window, a.dropout
+        self.mla, self.n_head, self.dropout = m, n, a.dropout
         self.rope_theta = m.rope_theta
         if m.variant == "seed004":
             self.kv_proj_d = nn.Linear(d, c, bias=a.qkv_bias)
@@ -99,8 +98,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope [B, S, heads, R] (one head for DeepSeek, N for seed 004)."""
         m = self.mla
         heads = self.n_head if m.variant == "seed004" else 1
-        return LayerCache(torch.zeros(batch, size, m.kv_lora_rank, dtype=dtype, device=device),
-                          torch.zeros(batch, size, heads, m.qk_rope_head_dim, dtype=dtype, device=device))
+        return (torch.zeros(batch, size, m.kv_lora_rank, dtype=dtype, device=device),
+                torch.zeros(batch, size, heads, m.qk_rope_head_dim, dtype=dtype, device=device))
 
     def project(self, x):
         """x [B, T, D] -> q_nope [B, T, N, nope], q_rope [B, T, N, R], c_kv [B, T, C], k_rope [B, T, heads, R]."""
@@ -125,11 +124,11 @@ class MultiHeadLatentAttention(nn.Module):
         return self.kv_b_proj.weight.view(N, m.qk_nope_head_dim + m.v_head_dim, C).split(
             [m.qk_nope_head_dim, m.v_head_dim], dim=1)
 
-    def forward(self, x, positions, mask=None, cache=None):
-        """mask [B or 1, T, S] (True: may attend) replaces the causal sliding window. cache: this layer's
-        LayerCache of latents (init_cache), updated in place; the prefill expands keys and values as
-        in training, a decoding step attends with the weights absorbed (W_UK into the query, W_UV
-        after the weighted sum), so keys and values are never expanded."""
+    def forward(self, x, positions, mask, cache=None):
+        """mask [B or 1, T, S] (True: may attend). cache: this layer's LayerCache of latents
+        (init_cache), written in place; the prefill expands keys and values as in training, a
+        decoding step attends with the weights absorbed (W_UK into the query, W_UV after the
+        weighted sum), so keys and values are never expanded."""
         B, T, _ = x.shape
         m, N = self.mla, self.n_head
         nope, R, Hv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
@@ -138,7 +137,7 @@ class MultiHeadLatentAttention(nn.Module):
         amplitude = rope_amplitude(m)
         q_rope = apply_rope(q_rope, angles, amplitude, m.rope_layout)
         k_rope = apply_rope(k_rope, angles, amplitude, m.rope_layout)
-        absorbed = cache is not None and cache.step > 0
+        absorbed = cache is not None and not cache.prefill
         if cache is not None:
             c_kv, k_rope = cache.update(c_kv, k_rope)
         S = c_kv.shape[1]
@@ -157,7 +156,7 @@ class MultiHeadLatentAttention(nn.Module):
                 k_nope, v = self.kv_b_proj(c_kv).view(B, S, N, nope + Hv).split([nope, Hv], dim=-1)
             q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)                        # [B, N, T, nope+R]
             k = torch.cat([k_nope, k_rope.expand(B, S, N, R)], dim=-1).transpose(1, 2)     # [B, N, S, nope+R]
-            mask = causal_mask(T, self.window).to(x.device) if mask is None else mask[:, None]
-            y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=softmax_scale(m),
+            y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask[:, None],
+                                               scale=softmax_scale(m),
                                                dropout_p=self.dropout if self.training else 0.0).transpose(1, 2)
         return self.o_proj(y.reshape(B, T, N * Hv))

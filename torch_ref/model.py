@@ -5,12 +5,14 @@ namespace): the YAML presets in configs/, with every derived field filled in. Pa
 the module tree are jaxllm's; only the layout differs: nn.Linear stores [out, in] where jaxllm
 stores [in..., out...] (e.g. q_proj [D, N, H] there, [N*H, D] here).
 """
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from torch_ref.layers import MLP, Attention, causal_mask, make_norm, namespace
+from torch_ref.layers import MLP, Attention, LayerCache, causal_mask, make_norm, namespace, visible, write_cache
 from torch_ref.mla import MultiHeadLatentAttention
 from torch_ref.moe import MoE
 
@@ -51,12 +53,17 @@ class Block(nn.Module):
             f_x = self.rezero_alpha * f_x
         return x + f_x
 
-    def forward(self, x, positions, mask=None, router_noise=None, cache=None):
-        """router_noise [B, T, E]: the noisy router's N(0, 1) draw in training, for an MoE layer.
-        cache: this layer's attention cache (decoding)."""
+    def forward(self, x, positions, mask, router_noise=None, cache=None):
+        """mask [B or 1, T, S]; router_noise [B, T, E]: the noisy router's N(0, 1) draw in training,
+        for an MoE layer. cache: this layer's LayerCache (decoding)."""
         x = self.residual(x, self.attn(x if self.attn_norm is None else self.attn_norm(x), positions, mask, cache))
         h = x if self.mlp_norm is None else self.mlp_norm(x)
         return self.residual(x, self.mlp(h, router_noise) if self.is_moe else self.mlp(h))
+
+
+def at(caches, i):
+    """Each layer's cache of application i (None without a cache)."""
+    return [None if layer_caches is None else layer_caches[i] for layer_caches in caches]
 
 
 class RecursiveBlock(nn.Module):
@@ -64,12 +71,14 @@ class RecursiveBlock(nn.Module):
     s = core(inject(s, e)) n_loops times; `trm` runs n_loops cycles of n_latent_steps updates
     z = core(inject(y + z, e)) then y = core(y + z), and returns y. The first n_loops - n_grad_loops
     loops run under torch.no_grad(). It owns the concat adapter and the fixed random initial states;
-    the core layers are the model's and are passed in."""
+    the core layers are the model's and are passed in. Each of the `applications` core runs of a
+    forward (n_loops * (n_latent_steps + 1) for trm) has its own cache of each core layer."""
 
     def __init__(self, cfg):
         super().__init__()
         self.r = r = cfg.recursion
         self.n_grad_loops = r.n_loops if r.n_grad_loops is None else r.n_grad_loops
+        self.applications = r.n_loops * (r.n_latent_steps + 1 if r.mode == "trm" else 1)
         self.adapter = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False) if r.inject == "concat" else None
         if r.init == "random":
             self.register_buffer("init_state", cfg.init_std * torch.randn(2 if r.mode == "trm" else 1, cfg.d_model))
@@ -78,7 +87,8 @@ class RecursiveBlock(nn.Module):
     def inject(self, s, e):
         return s + e if self.adapter is None else self.adapter(torch.cat([s, e], dim=-1))
 
-    def forward(self, core, e, positions, mask):
+    def forward(self, core, e, positions, mask, caches):
+        """caches: per core layer None, or its list of LayerCaches, one per application."""
         r = self.r
         loops, grad_loops = r.n_loops, self.n_grad_loops
         if self.training and r.random_loops:  # Huginn: Poisson(LogNormal(ln n - 1/8, 1/2)) + 1
@@ -90,11 +100,11 @@ class RecursiveBlock(nn.Module):
             state = [self.init_state[i].expand_as(e) for i in range(n_states)]
         else:
             state = [e if r.init == "embedding" else torch.zeros_like(e)] * n_states
-        self.aux_loss, loads = 0.0, {}
+        self.aux_loss, loads, application = 0.0, {}, itertools.count()
 
         def run(x):  # the core once; its MoE aux losses and expert loads add up over the loops
-            for block in core:
-                x = block(x, positions, mask)
+            for block, cache in zip(core, at(caches, next(application))):
+                x = block(x, positions, mask, cache=cache)
             for m in core.modules():
                 if getattr(m, "aux_loss", None) is not None:
                     self.aux_loss, m.aux_loss = self.aux_loss + m.aux_loss, None
@@ -126,36 +136,54 @@ def mask_token_id(cfg):
     return cfg.vocab_size - 1 if d.mask_token_id is None else d.mask_token_id
 
 
+def tidar_metadata(s, block_size):
+    """Positions and groups [2S] of TiDAR's doubled sequence [x_0..x_{S-1} | M x S] (papers.md §1.2):
+    each mask at its clean token's position; mask j in block 1 + j // block_size."""
+    positions = torch.arange(s).repeat(2)
+    groups = torch.cat([torch.zeros(s, dtype=torch.long), 1 + torch.arange(s) // block_size])
+    return positions, groups
+
+
 def tidar_mask(s, block_size, window=None):
-    """[2S, 2S] booleans for TiDAR's doubled sequence [x_0..x_{S-1} | M x S] (papers.md §1.2).
-    Clean query q: clean keys k <= q. Mask query for position j, block b = j // block_size: clean
-    keys k < b * block_size and the mask tokens of block b. A window limits clean keys to j - k < W."""
-    mask = torch.zeros(2 * s, 2 * s, dtype=torch.bool)
-    mask[:s, :s] = causal_mask(s, window)
-    for j in range(s):
-        start = j // block_size * block_size
-        mask[s + j, s + start:s + min(start + block_size, s)] = True
-        first = 0 if window is None else max(0, j - window + 1)
-        mask[s + j, first:start] = True
-    return mask
+    """[2S, 2S]: the mask rule on the doubled sequence. Clean query q: clean keys k <= q; mask query j
+    of block b: clean keys before the block's first position and the whole block; a window limits
+    clean keys to j - k < W."""
+    positions, groups = (t[None] for t in tidar_metadata(s, block_size))
+    return visible(positions, groups, positions, groups, window)[0]
 
 
 class Cache:
-    """A decoding cache for the whole model, updated in place by each forward that is given it: one
-    LayerCache per layer (keys and values, or MLA's latents) and `positions` [B, S], the token
-    position held in each slot (-1: empty or padding), which the caller keeps to build its masks."""
+    """The decoding cache of the whole model (docs/decoding-design.md §2): each attention layer's
+    buffers (init_cache; a core layer of a recursive model has R, one per application of the
+    core), `positions` [B, S] (the token position in each slot; -1: empty or padding) and `step`
+    [B] (per row, the time step of the next write; time step t lives in slot t % S). Rollback is
+    setting `step` back."""
 
     def __init__(self, model, batch, size, dtype=torch.float32):
-        if model.recursion is not None:
-            raise ValueError(f"the KV cache does not support model.recursion.mode={model.cfg.recursion.mode!r} yet")
         device = model.embed_tokens.weight.device
         self.positions = torch.full((batch, size), -1, dtype=torch.long, device=device)
-        self.layers = [block.attn.init_cache(batch, size, dtype, device) for block in model.layers]
+        self.step = torch.zeros(batch, dtype=torch.long, device=device)
+        r = model.cfg.recursion
+        core = range(r.n_prelude, r.n_prelude + r.n_core) if model.recursion is not None else ()
+        self.layers = [[block.attn.init_cache(batch, size, dtype, device)
+                        for _ in range(model.recursion.applications if i in core else 1)]
+                       for i, block in enumerate(model.layers)]
 
-    @property
-    def step(self):
-        """Time steps written so far; the next one goes to slot step % S."""
-        return self.layers[0].step
+    def begin(self, positions, groups, write):
+        """Start a forward of new tokens (positions [B, T], groups [B or 1, T]) that writes its first
+        `write`: their positions go to time steps step.. and step advances by `write`. Returns the
+        keys' positions and groups (the new tokens themselves in a prefill, when the cache is
+        empty; else every slot, group 0, then the unwritten new tokens) and per layer its list of
+        LayerCaches."""
+        prefill = not bool(self.step.any())
+        write_cache(self.positions, positions[:, :write], self.step)
+        layers = [[LayerCache(buffers, self.step, write, prefill) for buffers in layer] for layer in self.layers]
+        self.step = self.step + write
+        if prefill:
+            return positions, groups, layers
+        k_pos = torch.cat([self.positions, positions[:, write:]], dim=1)
+        k_group = torch.cat([torch.zeros_like(self.positions), groups[:, write:].expand(len(k_pos), -1)], dim=1)
+        return k_pos, k_group, layers
 
 
 class Transformer(nn.Module):
@@ -181,28 +209,43 @@ class Transformer(nn.Module):
     def moe_layers(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, tokens, positions=None, mask=None, router_noise=None, cache=None):
-        """tokens [B, T] -> logits [B, T, V]; mask [B or 1, T, S] replaces the causal pattern;
-        router_noise [B, T, E]: in training, the noisy router's draw in every MoE layer (parity
-        tests; not with recursion). cache: a Cache, read and updated in place (decoding: the prefill,
-        then each step with its mask over the cache's slots; not with recursion)."""
+    def forward(self, tokens, positions=None, groups=None, router_noise=None, cache=None, write=None):
+        """tokens [B, T] -> logits [B, T, V]. positions [B, T] (-1: left padding; default 0..T-1),
+        groups [B or 1, T] (0: causal, g >= 1: TiDAR mask block g; default 0): the mask is the rule
+        of layers.visible, built once here for every layer; with none of them nor a cache, the
+        causal sliding window (training). router_noise [B, T, E]: in training, the noisy router's
+        draw in every MoE layer (parity tests; not with recursion). cache: a Cache, written in
+        place: the first `write` new tokens (default all) at each row's step (Cache.begin)."""
         cfg = self.cfg
+        B, T = tokens.shape
         for moe in self.moe_layers():  # what this forward records: a layer LayerDrop skips has none
             moe.aux_loss = moe.expert_load = None
-        if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        caches = [None] * len(self.layers)
+        if positions is None and groups is None and cache is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+            mask = causal_mask(T, cfg.attention.window).to(tokens.device)[None]
+        else:
+            if positions is None:
+                positions = torch.arange(T, device=tokens.device).expand(B, T)
+            if groups is None:
+                groups = torch.zeros(1, T, dtype=torch.long, device=tokens.device)
+            k_pos, k_group = positions, groups
+            if cache is not None:
+                k_pos, k_group, caches = cache.begin(positions, groups, T if write is None else write)
+            mask = visible(positions, groups, k_pos, k_group, cfg.attention.window)
+            positions = positions.clamp(min=0)
         x = self.embed_tokens(tokens)
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         x = self.dropout(x)
         if self.recursion is None:
-            x = self.run_layers(self.layers, x, positions, mask, router_noise, cache)
+            x = self.run_layers(self.layers, x, positions, mask, at(caches, 0), router_noise)
         else:  # prelude, the looped core, coda
             assert router_noise is None, "router_noise is not supported with recursion"
             p, c = cfg.recursion.n_prelude, cfg.recursion.n_core
-            e = self.run_layers(self.layers[:p], x, positions, mask)
-            x = self.recursion(self.layers[p:p + c], e, positions, mask)
-            x = self.run_layers(self.layers[p + c:], x, positions, mask)
+            e = self.run_layers(self.layers[:p], x, positions, mask, at(caches[:p], 0))
+            x = self.recursion(self.layers[p:p + c], e, positions, mask, caches[p:p + c])
+            x = self.run_layers(self.layers[p + c:], x, positions, mask, at(caches[p + c:], 0))
         x = self.final_norm(x)
         logits = x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
         if self.lm_head_bias is not None:
@@ -213,9 +256,9 @@ class Transformer(nn.Module):
         """LayerDrop: which of n layers run in this training forward (each skipped with probability model.layerdrop)."""
         return (torch.rand(n) >= self.cfg.layerdrop).tolist()
 
-    def run_layers(self, layers, x, positions, mask, router_noise=None, cache=None):
+    def run_layers(self, layers, x, positions, mask, caches, router_noise=None):
+        """caches: per layer its LayerCache (or None)."""
         keep = self.layerdrop_keep(len(layers)) if self.training and self.cfg.layerdrop > 0 else [True] * len(layers)
-        caches = [None] * len(layers) if cache is None else cache.layers
         for block, kept, layer_cache in zip(layers, keep, caches):
             if not kept:
                 continue  # LayerDrop: skip the whole layer
@@ -231,9 +274,8 @@ class Transformer(nn.Module):
         d = self.cfg.diffusion
         B, S = tokens.shape
         doubled = torch.cat([tokens, torch.full_like(tokens, mask_token_id(self.cfg))], dim=1)
-        positions = torch.arange(S, device=tokens.device).repeat(2).expand(B, 2 * S)
-        mask = tidar_mask(S, d.block_size, self.cfg.attention.window).to(tokens.device)
-        logits = self(doubled, positions, mask[None])
+        positions, groups = (t.to(tokens.device)[None] for t in tidar_metadata(S, d.block_size))
+        logits = self(doubled, positions.expand(B, 2 * S), groups)
         return logits[:, :S], logits[:, S:]
 
     def tidar_losses(self, tokens, targets):
