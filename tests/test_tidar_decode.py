@@ -204,7 +204,8 @@ def test_tidar_sampling_draws_exactly_from_the_ar_model():
 
 
 def test_bad_speculative_settings_are_one_line_errors(trained):
-    plain = Transformer(config_from_dict({"model": dict(vocab_size=V, d_model=32, n_layer=1)}).model, rngs=nnx.Rngs(0))
+    plain = Transformer(config_from_dict({"model": dict(vocab_size=V, d_model=32, n_layer=1, attention=dict(n_head=4))}).model,
+                        rngs=nnx.Rngs(0))
     for model, kwargs, message in ((plain, dict(speculative=TiDAR()), "model.diffusion"),
                                    (trained, dict(speculative=TiDAR(0)), "block is 0; allowed"),
                                    (trained, dict(speculative=TiDAR(4, 1.5)), "beta is 1.5; allowed"),
