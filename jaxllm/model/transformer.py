@@ -80,13 +80,15 @@ class Transformer(nnx.Module):
                  cache: DecodeCache | None = None, write: int | None = None, router_noise: jax.Array | None = None,
                  last_only: bool = False) -> jax.Array | tuple[jax.Array, DecodeCache]:
         cfg = self.cfg
-        mask = self.attention_mask(tokens.shape, positions, groups, cache, write)
+        plain_causal = positions is None and groups is None and cache is None
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
             if cache is not None:
                 positions = positions + jnp.asarray(cache.step)[..., None]
         slot_positions = None if cache is None else write_cache(
             cache.positions, positions[:, :write], cache.step)
+        mask = (AttentionMask(None, cfg.attention.window) if plain_causal
+                else self.attention_mask(positions, groups, cache, slot_positions, write))
         positions = jnp.clip(positions, 0, cfg.max_seq_len - 1)  # padding (-1) and drafts past the context
         x = self.embed_tokens(tokens)
         if self.embed_positions is not None:
@@ -115,26 +117,20 @@ class Transformer(nnx.Module):
         logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, cache)
 
-    def attention_mask(self, shape: tuple[int, int], positions: jax.Array | None, groups: jax.Array | None,
-                       cache: DecodeCache | None, write: int | None) -> AttentionMask:
-        """The one attention pattern of a forward (see the class docstring and `visible`): the
-        queries are the new tokens; the keys are the new tokens too, except in a decode step:
-        every cache slot (after this call's writes), then the new tokens not written."""
+    def attention_mask(self, positions: jax.Array, groups: jax.Array | None, cache: DecodeCache | None,
+                       slot_positions: jax.Array | None, write: int | None) -> AttentionMask:
+        """The attention pattern of a forward that is not plain causal (see the class docstring and
+        `visible`): the queries are the new tokens; the keys are the new tokens too, except in a
+        decode step: every cache slot (`slot_positions`, after this call's writes), then the new
+        tokens not written."""
         window = self.cfg.attention.window
-        if positions is None and groups is None and cache is None:
-            return AttentionMask(None, window)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(shape[1]), shape)
-            if cache is not None:
-                positions = positions + jnp.asarray(cache.step)[..., None]
-        groups = jnp.zeros(shape, jnp.int32) if groups is None else jnp.broadcast_to(groups, shape)
+        groups = jnp.zeros(positions.shape, jnp.int32) if groups is None else jnp.broadcast_to(groups, positions.shape)
         groups = jnp.where(positions < 0, -1, groups)
         k_pos, k_group = positions, groups
         if cache is not None and not cache.prefill:
-            n = shape[1] if write is None else write
-            slots = write_cache(cache.positions, positions[:, :n], cache.step)
-            k_pos = jnp.concatenate([slots, positions[:, n:]], axis=1)
-            k_group = jnp.concatenate([jnp.where(slots >= 0, 0, -2), groups[:, n:]], axis=1)
+            n = positions.shape[1] if write is None else write
+            k_pos = jnp.concatenate([slot_positions, positions[:, n:]], axis=1)
+            k_group = jnp.concatenate([jnp.where(slot_positions >= 0, 0, -2), groups[:, n:]], axis=1)
         return AttentionMask(visible(positions, groups, k_pos, k_group, window), window)
 
     def init_cache(self, batch: int, length: int, *, slack: int = 0, per_row: bool = False) -> DecodeCache:
