@@ -74,6 +74,9 @@ class AttentionConfig:
     qkv_bias: bool = False
     out_bias: bool = False
     dropout: float = 0.0  # on attention probabilities, training only
+    # the kernel: auto = einsum on CPU, cuDNN's fused one on GPU where it applies, xla otherwise
+    # (attention.implementation); the numbers are the same up to float rounding
+    implementation: Literal["auto", "einsum", "xla", "cudnn"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +203,9 @@ class TrainConfig:
     weight_decay: float = 0.1  # decoupled; never on norms and biases
     decay_embeddings: bool = False  # also decay the token / position tables
     grad_clip: float | None = 1.0  # global-norm clipping (None: off)
+    # tokens per piece of the chunked cross-entropy (the [B, T, V] float32 logits never whole);
+    # 0: one piece; None: 2048 when the vocabulary has >= 16384 entries, else one piece
+    loss_chunk: int | None = None
     # parallelism
     mesh: str = "data:-1"  # mesh axes data, fsdp, tensor, expert; -1 takes the remaining devices
     # evaluation, checkpoints, logging
@@ -398,6 +404,8 @@ def _validate_train(t: TrainConfig, model: ModelConfig) -> None:
     _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
     if t.grad_clip is not None:
         _check(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "> 0 (or null for no clipping)")
+    if t.loss_chunk is not None:
+        _check(t.loss_chunk >= 0, "train.loss_chunk", t.loss_chunk, "an integer >= 0 (0: one piece; null: auto)")
     _check(t.sample_every >= 0, "train.sample_every", t.sample_every, "an integer >= 0 (0 = never)")
     _check(t.sample_temperature > 0, "train.sample_temperature", t.sample_temperature, "> 0")
     mesh_axes(t.mesh)

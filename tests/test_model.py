@@ -32,19 +32,22 @@ def test_causal_mask_matches_brute_force(t, s, window):
 
 @pytest.mark.parametrize("window", [None, 1, 5])
 def test_fused_attention_equals_einsum_path(window):
-    """The fused path (jax.nn.dot_product_attention) and the einsum path used under attention dropout."""
+    """The fused kernel (jax.nn.dot_product_attention, 'xla') and the einsum path (the CPU's choice,
+    and what runs under attention dropout)."""
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (2, 16, 4, 8))
     k, v = jax.random.normal(kk, (2, 16, 2, 8)), jax.random.normal(kv, (2, 16, 2, 8))
-    fused = attend(q, k, v, AttentionMask(None, window))
+    fused = attend(q, k, v, AttentionMask(None, window), kernel="xla")
     dropout = nnx.Dropout(1e-9, deterministic=False, rngs=nnx.Rngs(0))  # active but keeps everything
     einsum = attend(q, k, v, AttentionMask(None, window), dropout=dropout)
     np.testing.assert_allclose(np.asarray(fused), np.asarray(einsum), rtol=1e-5, atol=1e-5)
     # the rule on positions 0..T-1 (what every forward that is not plain causal builds) is the same pattern
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
     groups = jnp.zeros_like(pos)
-    ruled = attend(q, k, v, AttentionMask(visible(pos, groups, pos, groups, window), window))
+    ruled = attend(q, k, v, AttentionMask(visible(pos, groups, pos, groups, window), window), kernel="xla")
     np.testing.assert_allclose(np.asarray(fused), np.asarray(ruled), rtol=1e-5, atol=1e-5)
+    ruled_einsum = attend(q, k, v, AttentionMask(visible(pos, groups, pos, groups, window), window), kernel="einsum")
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(ruled_einsum), rtol=1e-5, atol=1e-5)
 
 
 def test_sliding_window_sees_exactly_w_keys():

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm.model.params import param
+from jaxllm.model.params import param, project
 
 
 class Embed(nnx.Module):
@@ -19,7 +19,7 @@ class Embed(nnx.Module):
         return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("BTD,VD->BTV", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        return project("BTD,VD->BTV", x.astype(self.dtype), self.weight[...].astype(self.dtype))
 
 
 def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:

@@ -14,22 +14,62 @@ from jaxllm.model.params import pop_aux_losses
 from jaxllm.model.transformer import Transformer
 
 
+# Vocabularies from this size up get the chunked cross-entropy when no chunk size is given.
+CHUNKED_FROM_VOCAB = 16384
+DEFAULT_CHUNK = 2048  # tokens per chunk: [2048, V] float32 logits, 256 MiB at V = 32k
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy over all positions (float32)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
+def chunked_cross_entropy(head, x: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+    """`cross_entropy(head(x), targets)` for hidden states x [B, T, D], computed `chunk` tokens at a
+    time so that the float32 logits [B, T, V] never exist in one piece, forward or backward: each
+    chunk's logits are rematerialised in the backward (jax.checkpoint inside a scan). The same value
+    and gradient up to float rounding."""
+    d = x.shape[-1]
+    x, targets = x.reshape(-1, d), targets.reshape(-1)
+    n = targets.shape[0]
+    pad = -n % chunk
+    x = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, 1, chunk, d)
+    targets = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
+    weights = (jnp.arange(n + pad) < n).reshape(-1, chunk)
+
+    @jax.checkpoint
+    def chunk_loss(total, xs):
+        xc, yc, wc = xs
+        nll = optax.softmax_cross_entropy_with_integer_labels(head(xc)[0], yc)
+        return total + jnp.sum(jnp.where(wc, nll, 0.0)), None
+
+    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (x, targets, weights))
+    return total / n
+
+
+def next_token_loss(model: Transformer, tokens: jax.Array, targets: jax.Array,
+                    router_noise: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
+    """Mean next-token cross-entropy of the model on `tokens`. `chunk`: tokens per piece of the
+    chunked cross-entropy (0: one piece; None: DEFAULT_CHUNK when the vocabulary has at least
+    CHUNKED_FROM_VOCAB entries and the batch more tokens than a chunk, else one piece)."""
+    if chunk is None:
+        chunk = DEFAULT_CHUNK if model.cfg.vocab_size >= CHUNKED_FROM_VOCAB else 0
+    if not chunk or tokens.size <= chunk:
+        return cross_entropy(model(tokens, router_noise=router_noise), targets)
+    return chunked_cross_entropy(model.head, model(tokens, router_noise=router_noise, head=False), targets, chunk)
+
+
 def lm_loss(model: Transformer, tokens: jax.Array, targets: jax.Array,
-            router_noise: jax.Array | None = None) -> jax.Array:
-    """The training loss: next-token cross-entropy, or TiDAR's (alpha * AR + diffusion) / (1 + alpha)
-    when model.diffusion is on, plus every auxiliary loss (MoE balance, z-loss...) of the forward
-    (recorded in training mode only). `router_noise`: see `Transformer` (not with diffusion)."""
+            router_noise: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
+    """The training loss: next-token cross-entropy (`next_token_loss`, chunked as `chunk` says), or
+    TiDAR's (alpha * AR + diffusion) / (1 + alpha) when model.diffusion is on, plus every auxiliary
+    loss (MoE balance, z-loss...) of the forward (recorded in training mode only). `router_noise`:
+    see `Transformer` (not with diffusion)."""
     if model.cfg.diffusion.enabled:
         if router_noise is not None:
             raise ValueError("router_noise is not supported with model.diffusion")
         return tidar_losses(model, tokens, targets)[0] + pop_aux_losses(model)
-    logits = model(tokens, router_noise=router_noise)
-    return cross_entropy(logits, targets) + pop_aux_losses(model)
+    return next_token_loss(model, tokens, targets, router_noise, chunk) + pop_aux_losses(model)
 
 
 def tidar_losses(model, tokens: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -124,6 +124,7 @@ class MultiHeadLatentAttention(nnx.Module):
             self.kv_b_proj = Einsum((c,), (n, nope + hv), ("latent",), heads, bias=False, **kw)
         self.o_proj = Einsum((n, hv), (d,), heads, ("embed",), bias=a.out_bias, **kw)
         self.dropout = nnx.Dropout(a.dropout, deterministic=True, rngs=rngs)
+        self.kernel = a.implementation
         self.mla, self.rope_theta = m, m.rope_theta
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask,
@@ -201,7 +202,7 @@ class MultiHeadLatentAttention(nnx.Module):
         q_scale = mscale_squared(self.mla) * math.sqrt(h / h_qk)  # = softmax_scale * sqrt(h); 1.0 usually
         q = q * jnp.asarray(q_scale, q.dtype) if q_scale != 1.0 else q
         pad = lambda t: jnp.pad(t, [(0, 0)] * 3 + [(0, h - t.shape[-1])])
-        o = attend(pad(q), pad(k), pad(v), mask, dropout=self.dropout)[..., :h_v]
+        o = attend(pad(q), pad(k), pad(v), mask, dropout=self.dropout, kernel=self.kernel)[..., :h_v]
         return self.o_proj("BTNH,NHD->BTD", o)
 
     def init_cache(self, batch: int, size: int, dtype) -> tuple[jax.Array, jax.Array]:

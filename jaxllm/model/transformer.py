@@ -14,7 +14,7 @@ from jaxllm.model.blocks import Block, LayerDrop, RecursiveBlock
 from jaxllm.model.embeddings import Embed
 from jaxllm.model.moe import init_expert_loads
 from jaxllm.model.norms import make_norm
-from jaxllm.model.params import AuxLoss, dtypes, param, pop_aux_losses
+from jaxllm.model.params import AuxLoss, dtypes, param, pop_aux_losses, project
 
 
 def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: AttentionMask,
@@ -54,7 +54,8 @@ class Transformer(nnx.Module):
     values (MLA: latents) at each row's time steps cache.step.. and the call returns (logits, the
     updated cache). A prefill attends over the new tokens, a step over every cache slot and the
     new tokens it does not write. `last_only`: the final norm and head on the last position only,
-    logits [B, 1, V] (what a decode step samples from).
+    logits [B, 1, V] (what a decode step samples from). `head=False`: the final-normed hidden
+    states [B, T, D] instead of logits, for a loss that applies `head` itself chunk by chunk.
 
     The model is built in eval mode (no dropout, no LayerDrop); call `.train()` to train. Only a
     training forward records anything (MoE aux losses and expert loads): an eval forward mutates
@@ -78,7 +79,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, groups: jax.Array | None = None,
                  cache: DecodeCache | None = None, write: int | None = None, router_noise: jax.Array | None = None,
-                 last_only: bool = False) -> jax.Array | tuple[jax.Array, DecodeCache]:
+                 last_only: bool = False, head: bool = True) -> jax.Array | tuple[jax.Array, DecodeCache]:
         cfg = self.cfg
         plain_causal = positions is None and groups is None and cache is None
         if positions is None:
@@ -111,11 +112,16 @@ class Transformer(nnx.Module):
                 self.sow(AuxLoss, "recursion_aux_losses", aux)
             x = self._run_layers(self.layers[core_end:], x, positions, mask)
         x = self.final_norm(x[:, -1:] if last_only else x)
+        out = self.head(x) if head else x
+        return out if cache is None else (out, cache)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """float32 logits [B, T, V] of final-normed hidden states x [B, T, D]: the tied embedding
+        or the untied LM head, and the head bias."""
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         if self.lm_head_bias is not None:
             logits = logits + self.lm_head_bias[...].astype(logits.dtype)
-        logits = logits.astype(jnp.float32)
-        return logits if cache is None else (logits, cache)
+        return logits.astype(jnp.float32)
 
     def attention_mask(self, positions: jax.Array, groups: jax.Array | None, cache: DecodeCache | None,
                        slot_positions: jax.Array | None, write: int | None) -> AttentionMask:
@@ -221,4 +227,4 @@ class LMHead(nnx.Module):
                             dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("BTD,DV->BTV", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        return project("BTD,DV->BTV", x.astype(self.dtype), self.weight[...].astype(self.dtype))

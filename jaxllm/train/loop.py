@@ -28,7 +28,7 @@ from jaxllm.config import Config, to_dict, to_yaml
 from jaxllm.errors import DataError
 from jaxllm.files import atomic_write
 from jaxllm.metrics import flops_per_token, peak_flops
-from jaxllm.model import Transformer, cross_entropy, lm_loss
+from jaxllm.model import Transformer, lm_loss, next_token_loss
 from jaxllm.model.moe import pop_expert_load, update_router_bias
 from jaxllm.sharding import batch_divisor, batch_sharding, make_mesh, state_shardings
 from jaxllm.train import data as data_lib
@@ -118,7 +118,7 @@ class Trainer:
         train.grad_accum > 1, optax.MultiSteps applies the update every grad_accum calls). grad_norm
         is the global norm of the last update's gradient: with accumulation, that of the whole batch."""
         model, optimizer = nnx.merge(self.graphdef, state)
-        loss, grads = nnx.value_and_grad(lm_loss)(model, batch[:, :-1], batch[:, 1:])
+        loss, grads = nnx.value_and_grad(lm_loss)(model, batch[:, :-1], batch[:, 1:], chunk=self.cfg.train.loss_chunk)
         optimizer.update(model, grads)
         update_router_bias(model, pop_expert_load(model))  # DeepSeek-V3 balancing; a no-op for other models
         return nnx.state((model, optimizer)), loss, last_grad_norm(optimizer.opt_state)
@@ -130,7 +130,7 @@ class Trainer:
         return model
 
     def _eval_step(self, state, batch):
-        return cross_entropy(self.eval_model(state)(batch[:, :-1]), batch[:, 1:])
+        return next_token_loss(self.eval_model(state), batch[:, :-1], batch[:, 1:], chunk=self.cfg.train.loss_chunk)
 
     def put(self, batch: np.ndarray) -> jax.Array:
         """This host's rows of the global batch -> one array split over the data and fsdp axes."""
