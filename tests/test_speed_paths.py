@@ -146,3 +146,34 @@ def test_bfloat16_training_is_finite_and_close_to_float32():
     assert np.all(np.isfinite(losses["bfloat16"]))
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.02)
     assert losses["bfloat16"][-1] < losses["bfloat16"][0] - 0.1
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(remat=True), dict(position=dict(kind="rope"), mlp=dict(kind="swiglu"),
+                                                                   attention=dict(n_head=4, n_kv_head=2, window=5))])
+def test_scanned_layers_give_the_loops_numbers(extra):
+    """The same weights with model.scan_layers on and off: logits and every gradient agree."""
+    results = []
+    for scan in (False, True):
+        cfg = small(n_layer=3, scan_layers=scan, **extra)
+        assert cfg.scan_layers is scan
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        model.train()
+        tokens = jax.random.randint(jax.random.key(4), (2, 21), 0, cfg.vocab_size)
+        loss, grads = nnx.value_and_grad(lm_loss)(model, tokens[:, :-1], tokens[:, 1:])
+        results.append((model(tokens), loss, grads))
+    (la, a, ga), (lb, b, gb) = results
+    np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(gb), jax.tree.leaves(ga)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_scan_layers_default_and_its_refusals():
+    from jaxllm.errors import ConfigError
+
+    assert small(n_layer=16).scan_layers is True and small(n_layer=15).scan_layers is False
+    assert small(n_layer=16, dropout=0.1).scan_layers is False  # the default steps aside
+    for blocker, extra in (("dropout", dict(mlp=dict(dropout=0.1))), ("layerdrop", dict(layerdrop=0.1)),
+                           ("moe", dict(moe=dict(n_routed_experts=4)))):
+        with pytest.raises(ConfigError, match=f"scan_layers=True is invalid with {blocker}"):
+            small(n_layer=4, scan_layers=True, **extra)

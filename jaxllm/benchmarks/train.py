@@ -74,8 +74,12 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence (default: 64)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps; the median is reported (default: 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, incl. compilation (default: 3)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype (model.dtype; parameters stay model.param_dtype); torch_ref runs "
+                             "under autocast to it")
     parser.add_argument("--no-torch", action="store_true", help="skip torch_ref")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile (always on a CUDA GPU, unless --no-torch)")
     args = parser.parse_intermixed_args(argv)
 
     import jax
@@ -86,7 +90,11 @@ def run(argv: list[str]) -> int:
     from jaxllm.sharding import batch_divisor, make_mesh
     from jaxllm.train.loop import Trainer
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *([f"model.dtype={args.dtype}"] if args.dtype else [])])
+    for name, value, low in (("--batch", args.batch, 1), ("--seq", args.seq, 1), ("--steps", args.steps, 1),
+                             ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise ConfigError(f"{name} {value} is invalid: must be an integer >= {low}")
     if args.seq > cfg.model.max_seq_len:
         raise ConfigError(f"--seq {args.seq} is longer than model.max_seq_len ({cfg.model.max_seq_len})")
     mesh = make_mesh(cfg.train.mesh)
@@ -112,7 +120,7 @@ def run(argv: list[str]) -> int:
 
         rows.append((f"torch_ref eager (torch {torch.__version__})",
                      torch_step_time(cfg, tokens, args.warmup, args.steps, False)))
-        if args.compile:
+        if args.compile or torch.cuda.is_available():
             rows.append(("torch_ref torch.compile", torch_step_time(cfg, tokens, args.warmup, args.steps, True)))
     print(f"{'implementation':36s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>7s}")
     for name, seconds in rows:

@@ -38,6 +38,25 @@ def _run_block_and_pop_aux(run, block: Block, x: jax.Array, positions: jax.Array
     return x, pop_aux_losses(block)
 
 
+def _scan_blocks(layers, x: jax.Array, positions: jax.Array, mask: AttentionMask, remat: bool) -> jax.Array:
+    """The blocks applied in turn as one `lax.scan` over their states stacked inside the step (a copy
+    of the layers' weights; the model keeps one module per layer, so checkpoints, converters and
+    parity see the same layout with or without it): XLA compiles one block instead of n_layer.
+    Only for blocks that record nothing and draw no randomness (config validation: no dropout,
+    LayerDrop, MoE or recursion)."""
+    graphdef, first = nnx.split(layers[0])
+    states = [first] + [nnx.split(block)[1] for block in layers[1:]]
+    if any(nnx.graphdef(block) != graphdef for block in layers[1:]):
+        raise ValueError("model.scan_layers needs every layer to have the same structure")
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    def body(x, state):
+        return nnx.merge(graphdef, state)(x, positions, mask, None), None
+
+    x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x, stacked)
+    return x
+
+
 class Transformer(nnx.Module):
     """tokens [B, T] (and optional positions [B, T]) -> float32 logits [B, T, V].
 
@@ -182,6 +201,8 @@ class Transformer(nnx.Module):
         """Each layer once, rematerialised when configured; LayerDrop in training."""
         run = _run_block_remat if self.cfg.remat else _run_block
         keep = self.layerdrop.keep(len(layers))
+        if self.cfg.scan_layers and len(layers) > 1:
+            return _scan_blocks(layers, x, positions, mask, self.cfg.remat)
         for i, block in enumerate(layers):
             if keep is None:
                 x = run(block, x, positions, mask, router_noise)

@@ -24,7 +24,7 @@ import yaml
 from flax import nnx
 
 from jaxllm.checkpoint import Checkpointer, load_model
-from jaxllm.config import Config, to_dict, to_yaml
+from jaxllm.config import Config, ModelConfig, to_dict, to_yaml
 from jaxllm.errors import DataError
 from jaxllm.files import atomic_write
 from jaxllm.metrics import flops_per_token, peak_flops
@@ -44,11 +44,30 @@ DATA_FIELDS = ("data", "text_field", "max_corpus_bytes", "val_fraction", "tokeni
 # The run directory: config, tokenizer, tokens
 
 
+# Model fields that choose how the same numbers are computed, not which: a run continues under
+# another value of them.
+EXECUTION_FIELDS = ("model.remat", "model.scan_layers", "model.attention.implementation")
+
+
+def _dotted(tree: dict, prefix: str) -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _incompatibility(saved: dict, cfg: Config) -> str | None:
+    """The first field (dotted) that differs between a run directory's saved config and `cfg`. A
+    model field the saved config lacks (added to jaxllm since) counts at its default."""
     new = to_dict(cfg)
     new["model"]["vocab_size"] = saved["model"]["vocab_size"]  # set from the tokenizer
     pairs = [(f"train.{k}", saved["train"].get(k), new["train"][k]) for k in DATA_FIELDS]
-    pairs += [(f"model.{k}", saved["model"].get(k), v) for k, v in new["model"].items()]
+    old_model, defaults = _dotted(saved["model"], "model."), _dotted(to_dict(ModelConfig()), "model.")
+    pairs += [(k, old_model.get(k, defaults.get(k)), v) for k, v in _dotted(new["model"], "model.").items()
+              if k not in EXECUTION_FIELDS]
     for name, old, value in pairs:
         if old != value:
             return f"{name}: {old!r} there, {value!r} now"
