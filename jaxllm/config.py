@@ -74,7 +74,7 @@ class AttentionConfig:
     qkv_bias: bool = False
     out_bias: bool = False
     dropout: float = 0.0  # on attention probabilities, training only
-    # the kernel: auto = einsum on CPU, cuDNN's fused one on GPU where it applies, xla otherwise
+    # the kernel: auto = cuDNN's fused one on GPU where it applies, einsum otherwise
     # (attention.implementation); the numbers are the same up to float rounding
     implementation: Literal["auto", "einsum", "xla", "cudnn"] = "auto"
 

@@ -5,7 +5,7 @@ sequences) and TiDAR self-speculative decoding. docs/sampling.md is the user's g
 Letters: B batch, T new positions, S cache slots, V vocab, M stop sequences, L their length.
 
 The model's one forward does every step: `model(tokens, positions, groups=..., cache=..., write=...)`
-fills the cache (`model.init_cache`: per layer keys and values [B, S, K, H], or MLA's compressed
+fills the cache (`model.init_cache`: per layer keys and values [B, K, S, H], or MLA's compressed
 c_kv [B, S, C] and k_rope [B, S, K, R]; each slot's position; each row's committed length) and
 builds the attention mask from positions itself. Time step t goes to slot t mod S, so with a
 sliding window of W the cache is a rolling buffer of S = W slots (+ B slack slots for TiDAR);

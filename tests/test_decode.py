@@ -166,6 +166,19 @@ def test_rows_write_at_their_own_time_steps():
     assert np.asarray(buf).tolist() == [[-1, 10, 11, 12, -1], [21, 22, -1, -1, 20]]
 
 
+@pytest.mark.parametrize("t, step", [(1, 3), (3, 2), (7, 0), (2, [1, 4]), (1, [0, 3]), (6, [2, 1])])
+def test_a_heads_major_buffer_is_written_like_the_slots_first_one(t, step):
+    """write_cache on axis 2 (the [B, K, S, H] key/value layout) is the axis-1 write, transposed:
+    one token and several, a scalar step and per-row steps, more tokens than slots (S = 5)."""
+    rng = np.random.default_rng(0)
+    buf = jnp.asarray(rng.standard_normal((2, 5, 3, 4)), jnp.float32)  # [B, S, K, H]
+    new = jnp.asarray(rng.standard_normal((2, t, 3, 4)), jnp.float32)
+    step = jnp.asarray(step, jnp.int32)
+    slots_first = write_cache(buf, new, step)
+    heads_major = write_cache(buf.swapaxes(1, 2), new.swapaxes(1, 2), step, axis=2)
+    np.testing.assert_array_equal(np.asarray(heads_major.swapaxes(1, 2)), np.asarray(slots_first))
+
+
 def rule_by_hand(q_pos, q_group, k_pos, k_group, window):
     """docs/sampling.md's mask rule, one pair at a time."""
     w = window or 10**9
@@ -245,7 +258,7 @@ def test_the_one_forward_with_a_cache_gives_the_logits_of_the_forward_without(at
 
 def test_attention_cache_is_keys_and_values_of_the_kv_heads(model):
     for k, v in model.init_cache(2, 16).layers:  # window 16: a rolling buffer of 16 slots
-        assert k.shape == v.shape == (2, 16, 2, 8)
+        assert k.shape == v.shape == (2, 2, 16, 8)  # heads-major [B, K, S, H]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,11 +52,11 @@ def test_erf_gelu_equals_the_exact_gelu_and_torch():
     ("cpu", jnp.bfloat16, 64, True, "einsum"),
     ("gpu", jnp.bfloat16, 64, False, "cudnn"),
     ("gpu", jnp.float16, 128, False, "cudnn"),
-    ("gpu", jnp.float32, 64, False, "xla"),  # cuDNN's kernel takes 16-bit inputs only
-    ("gpu", jnp.bfloat16, 256, False, "xla"),  # head_dim past its limit
-    ("gpu", jnp.bfloat16, 60, False, "xla"),  # not a multiple of 8
-    ("gpu", jnp.bfloat16, 64, True, "xla"),  # an explicit mask (decoding, TiDAR)
-    ("tpu", jnp.bfloat16, 128, False, "xla"),
+    ("gpu", jnp.float32, 64, False, "einsum"),  # cuDNN's kernel takes 16-bit inputs only
+    ("gpu", jnp.bfloat16, 256, False, "einsum"),  # head_dim past its limit
+    ("gpu", jnp.bfloat16, 60, False, "einsum"),  # not a multiple of 8
+    ("gpu", jnp.bfloat16, 64, True, "einsum"),  # an explicit mask (decoding, TiDAR)
+    ("tpu", jnp.bfloat16, 128, False, "einsum"),
 ])
 def test_auto_attention_kernel_is_chosen_by_backend(backend, dtype, head_dim, masked, expected):
     assert implementation("auto", dtype, head_dim, masked, backend) == expected
@@ -64,7 +64,8 @@ def test_auto_attention_kernel_is_chosen_by_backend(backend, dtype, head_dim, ma
 
 
 def test_auto_attention_kernel_on_this_machine_and_its_numbers():
-    """On the CPU, 'auto' runs the einsum kernel; its output and gradient equal the fused 'xla' one."""
+    """On the CPU, 'auto' runs the einsum kernel; its output and gradient equal the fused 'xla' one,
+    with keys and values slots-first or heads-major (a decode cache's layout)."""
     assert jax.default_backend() != "cpu" or implementation("auto", jnp.float32, 8, False) == "einsum"
     kq, kk, kv = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(kq, (2, 12, 4, 8))
@@ -73,6 +74,11 @@ def test_auto_attention_kernel_on_this_machine_and_its_numbers():
         f = lambda kernel: lambda q, k, v: jnp.sum(jnp.tanh(attend(q, k, v, AttentionMask(None, window), kernel=kernel)))  # noqa: E731,E501
         for got, want in zip(jax.grad(f("einsum"), (0, 1, 2))(q, k, v), jax.grad(f("xla"), (0, 1, 2))(q, k, v)):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        for kernel in ("einsum", "xla"):
+            major = attend(q, k.swapaxes(1, 2), v.swapaxes(1, 2), AttentionMask(None, window), kernel=kernel,
+                           heads_major=True)
+            np.testing.assert_allclose(major, attend(q, k, v, AttentionMask(None, window), kernel="xla"),
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_attention_implementation_setting_is_validated():

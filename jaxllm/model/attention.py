@@ -57,28 +57,30 @@ class AttentionMask:
     window: int | None = dataclasses.field(metadata=dict(static=True))
 
 
-def write_cache(buf: jax.Array, new: jax.Array, step: jax.Array) -> jax.Array:
-    """buf [B, S, ...] with new [B, T, ...] written at each row's time steps step[b]..step[b]+T-1
-    (step [B], or a scalar shared by every row), slot = time mod S: a plain buffer when S covers
-    every step, a rolling buffer of the last S otherwise (a sliding window). Of T > S new entries
-    only the last S are kept."""
-    s, t = buf.shape[1], new.shape[1]
+def write_cache(buf: jax.Array, new: jax.Array, step: jax.Array, axis: int = 1) -> jax.Array:
+    """buf [B, ..., S, ...] (slots on `axis`) with new [B, ..., T, ...] written at each row's time
+    steps step[b]..step[b]+T-1 (step [B], or a scalar shared by every row), slot = time mod S: a
+    plain buffer when S covers every step, a rolling buffer of the last S otherwise (a sliding
+    window). Of T > S new entries only the last S are kept."""
+    s, t = buf.shape[axis], new.shape[axis]
     if t > s:
-        new, step, t = new[:, t - s:], step + (t - s), s
+        new, step, t = jax.lax.slice_in_dim(new, t - s, t, axis=axis), step + (t - s), s
     new = new.astype(buf.dtype)
+    between = (slice(None),) * (axis - 1)
     if jnp.ndim(step) == 0:
         if t == 1:
-            return jax.lax.dynamic_update_slice_in_dim(buf, new, step % s, axis=1)
-        return buf.at[:, (step + jnp.arange(t)) % s].set(new)
+            return jax.lax.dynamic_update_slice_in_dim(buf, new, step % s, axis=axis)
+        return buf.at[(slice(None), *between, (step + jnp.arange(t)) % s)].set(new)
     slots = (step[:, None] + jnp.arange(t)) % s  # [B, T]
-    return buf.at[jnp.arange(buf.shape[0])[:, None], slots].set(new)
+    # the advanced indices (rows, slots) put [B, T] first in the indexed shape
+    return buf.at[(jnp.arange(buf.shape[0])[:, None], *between, slots)].set(jnp.moveaxis(new, axis, 1))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
     """One layer's decode cache, as its attention's `__call__` takes and returns it: the buffers
-    [B, S, ...] its `init_cache` made (keys and values; MLA: c_kv and k_rope), and what the call
+    its `init_cache` made (keys and values [B, K, S, H]; MLA: c_kv [B, S, C] and k_rope), and what the call
     needs to know (see DecodeCache): `step`, the time step of the first new token (a scalar, or
     [B] per row),
     `prefill` (static: the new tokens attend over themselves only) and `write` (static: how many
@@ -88,18 +90,21 @@ class LayerCache:
     prefill: bool = dataclasses.field(metadata=dict(static=True))
     write: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
-    def update(self, *new: jax.Array) -> tuple["LayerCache", tuple[jax.Array, ...]]:
-        """Write the first `write` of the new entries [B, T, ...] (one per buffer); returns the
-        cache and what the new queries attend over: in a prefill the new entries, in a step every
-        slot followed by the new entries that were not written."""
-        n = new[0].shape[1] if self.write is None else self.write
-        buffers = tuple(write_cache(b, x[:, :n], self.step) for b, x in zip(self.buffers, new))
+    def update(self, *new: jax.Array, axis: int = 1) -> tuple["LayerCache", tuple[jax.Array, ...]]:
+        """Write the first `write` of the new entries (one per buffer, laid out as it is: time on
+        `axis`, the slot axis); returns the cache and what the new queries attend over: in a
+        prefill the new entries, in a step every slot followed by the new entries not written."""
+        t = new[0].shape[axis]
+        n = t if self.write is None else self.write
+        head = lambda x: jax.lax.slice_in_dim(x, 0, n, axis=axis)  # noqa: E731
+        buffers = tuple(write_cache(b, head(x), self.step, axis) for b, x in zip(self.buffers, new))
         cache = dataclasses.replace(self, buffers=buffers)
         if self.prefill:
             return cache, new
-        if n == new[0].shape[1]:
+        if n == t:
             return cache, buffers
-        return cache, tuple(jnp.concatenate([b, x[:, n:].astype(b.dtype)], axis=1) for b, x in zip(buffers, new))
+        return cache, tuple(jnp.concatenate([b, jax.lax.slice_in_dim(x, n, t, axis=axis).astype(b.dtype)], axis=axis)
+                            for b, x in zip(buffers, new))
 
 
 @jax.tree_util.register_dataclass
@@ -133,27 +138,26 @@ IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 
 
 def implementation(choice: str, dtype, head_dim: int, masked: bool, backend: str | None = None) -> str:
-    """The attention kernel `attend` runs: `choice` unless it is 'auto', which picks by backend:
-    'einsum' (explicit einsums and softmax) on the CPU, where XLA:CPU runs it fwd+bwd in half the
-    time of jax.nn.dot_product_attention's 'xla' one (docs/perf.md); cuDNN's fused kernel on an
-    NVIDIA GPU when it applies (16-bit dtype, head_dim a multiple of 8 up to 128, the plain causal
-    sliding window rather than an explicit mask); 'xla' otherwise (TPU, float32 GPU, masks)."""
+    """The attention kernel `attend` runs: `choice` unless it is 'auto', which picks cuDNN's fused
+    kernel on an NVIDIA GPU where it applies (16-bit dtype, head_dim a multiple of 8 up to 128,
+    the plain causal sliding window rather than an explicit mask) and 'einsum' everywhere else.
+    'einsum' is the maths jax.nn.dot_product_attention's 'xla' kernel also runs, but written so
+    that XLA:CPU runs it forward+backward in half the time (docs/perf.md), and it reads a decode
+    cache in its own layout without a copy."""
     if choice != "auto":
         return choice
     backend = backend or jax.default_backend()
-    if backend == "cpu":
-        return "einsum"
     if (backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
             and head_dim <= 128 and not masked):
         return "cudnn"
-    return "xla"
+    return "einsum"
 
 
-def attend(q, k, v, mask: AttentionMask, *, dropout: nnx.Dropout | None = None,
-           kernel: str = "auto") -> jax.Array:
-    """softmax(q k^T / sqrt(H)) v for q [B,T,N,H], k and v [B,S,K,H]; returns [B,T,N,H], each query
-    seeing the keys `mask` allows (with `mask.allowed` None: the causal sliding window of the last
-    T of S positions).
+def attend(q, k, v, mask: AttentionMask, *, dropout: nnx.Dropout | None = None, kernel: str = "auto",
+           heads_major: bool = False) -> jax.Array:
+    """softmax(q k^T / sqrt(H)) v for q [B,T,N,H], k and v [B,S,K,H] (`heads_major`: [B,K,S,H], a
+    decode cache's layout); returns [B,T,N,H], each query seeing the keys `mask` allows (with
+    `mask.allowed` None: the causal sliding window of the last T of S positions).
 
     `kernel` (model.attention.implementation, resolved by `implementation`): 'xla' or 'cudnn' run
     the fused `jax.nn.dot_product_attention`; 'einsum' the same maths as explicit einsums, which is
@@ -162,22 +166,25 @@ def attend(q, k, v, mask: AttentionMask, *, dropout: nnx.Dropout | None = None,
     dropping = dropout is not None and not dropout.deterministic and dropout.rate > 0.0
     kernel = "einsum" if dropping else implementation(kernel, q.dtype, q.shape[-1], mask.allowed is not None)
     if kernel != "einsum":
+        if heads_major:
+            k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
         if mask.allowed is not None:
             return jax.nn.dot_product_attention(q, k, v, mask=mask.allowed[:, None], implementation=kernel)
         window_size = None if mask.window is None else (mask.window - 1, 0)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window_size,
                                             implementation=kernel)
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+    kv_heads, s = (k.shape[1], k.shape[2]) if heads_major else (k.shape[2], k.shape[1])
+    kv = "BKSH" if heads_major else "BSKH"
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k).astype(jnp.float32) * h**-0.5
-    allowed = causal_mask(t, k.shape[1], mask.window) if mask.allowed is None else mask.allowed[:, None, None]
+    scores = jnp.einsum(f"BTKGH,{kv}->BKGTS", q, k).astype(jnp.float32) * h**-0.5
+    allowed = causal_mask(t, s, mask.window) if mask.allowed is None else mask.allowed[:, None, None]
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     # the softmax over [B, N, T, S]: XLA:CPU's reduction over the 5-d layout runs 3x slower
     probs = jax.nn.softmax(scores.reshape(b, n, t, -1), axis=-1).reshape(scores.shape).astype(q.dtype)
     if dropping:
         probs = dropout(probs)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+    return jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, v).reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):
@@ -196,14 +203,17 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask,
                  cache: LayerCache | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
-        """x [B, T, D] -> [B, T, D]. With a decode `cache` (keys and values [B, S, K, H], see
+        """x [B, T, D] -> [B, T, D]. With a decode `cache` (keys and values [B, K, S, H], see
         LayerCache) the new keys and values are written and the output comes with the updated
         cache; the queries attend over what `LayerCache.update` returns, as `mask` says."""
         q, k, v = self.qkv(x, positions)
-        if cache is not None:
-            cache, (k, v) = cache.update(k, v)
-        o = self.o_proj("BTNH,NHD->BTD", attend(q, k, v, mask, dropout=self.dropout, kernel=self.kernel))
-        return o if cache is None else (o, cache)
+        if cache is None:
+            return self.o_proj("BTNH,NHD->BTD", attend(q, k, v, mask, dropout=self.dropout, kernel=self.kernel))
+        # the cache keeps keys and values heads-major [B, K, S, H]: a step's attention then reads
+        # it in place (in [B, S, K, H] every step would copy the whole cache into that layout)
+        cache, (k, v) = cache.update(k.swapaxes(1, 2), v.swapaxes(1, 2), axis=2)
+        o = attend(q, k, v, mask, dropout=self.dropout, kernel=self.kernel, heads_major=True)
+        return self.o_proj("BTNH,NHD->BTD", o), cache
 
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D] -> q [B, T, N, H] and k, v [B, T, K, H], rope applied."""
@@ -216,6 +226,7 @@ class Attention(nnx.Module):
         return q, k, v
 
     def init_cache(self, batch: int, size: int, dtype) -> tuple[jax.Array, jax.Array]:
-        """Empty keys and values [B, S, K, H] for a decode cache of `size` slots."""
-        shape = (batch, size, *self.k_proj.weight.shape[1:])
+        """Empty keys and values [B, K, S, H] (heads-major) for a decode cache of `size` slots."""
+        kv_heads, h = self.k_proj.weight.shape[1:]
+        shape = (batch, kv_heads, size, h)
         return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
