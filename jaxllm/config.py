@@ -165,9 +165,10 @@ class ModelConfig:
     rezero: bool = False  # x + alpha_l * f(x), one alpha per layer (init 0), no block norms
     layerdrop: float = 0.0  # probability of skipping a whole layer, training only
     remat: bool = False  # rematerialise each block in the backward pass
-    # the layers as one lax.scan (XLA compiles one block, not n_layer; same numbers); null: on from
-    # 16 layers (docs/perf.md: compile time). Not with dropout, LayerDrop, MoE or recursion
-    scan_layers: bool | None = None
+    # the layers as one lax.scan (XLA compiles one block, not n_layer; same numbers). Off by default:
+    # on XLA:CPU it compiled slower at 24-48 layers (docs/perf.md). Not with dropout, LayerDrop,
+    # MoE or recursion
+    scan_layers: bool = False
     init_std: float = 0.02
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -362,20 +363,14 @@ def default_d_ff(mlp_kind: str, d_model: int) -> int:
     return 4 * d_model
 
 
-SCAN_FROM_LAYERS = 16  # model.scan_layers: null turns it on from this many layers (docs/perf.md)
-
-
-def _scan_layers(m: ModelConfig) -> bool:
-    """model.scan_layers resolved: the blocks must record nothing and draw no randomness."""
+def _check_scan_layers(m: ModelConfig) -> None:
+    """model.scan_layers needs blocks that record nothing and draw no randomness."""
     blockers = [name for name, on in (("dropout", m.dropout or m.attention.dropout or m.mlp.dropout),
                                       ("layerdrop", m.layerdrop), ("moe", m.moe.n_routed_experts),
                                       ("recursion", m.recursion.mode != "none")) if on]
-    if m.scan_layers is None:
-        return m.n_layer >= SCAN_FROM_LAYERS and not blockers
     if m.scan_layers and blockers:
-        raise ConfigError(f"model.scan_layers=True is invalid with {', '.join(blockers)}: must be false or null "
+        raise ConfigError(f"model.scan_layers=True is invalid with {', '.join(blockers)}: must be false "
                           "(scanned layers draw no randomness and record nothing)")
-    return m.scan_layers
 
 
 def resolve(cfg: Config) -> Config:
@@ -395,7 +390,8 @@ def resolve(cfg: Config) -> Config:
     if attention.kind == "mla" and attention.mla.rope_theta is None:
         theta = m.position.rope_theta if m.position.kind == "rope" else 10000.0
         attention = dataclasses.replace(attention, mla=dataclasses.replace(attention.mla, rope_theta=theta))
-    model = dataclasses.replace(m, attention=attention, mlp=mlp, moe=moe, scan_layers=_scan_layers(m))
+    _check_scan_layers(m)
+    model = dataclasses.replace(m, attention=attention, mlp=mlp, moe=moe)
     train = cfg.train
     _validate_train(train, model)
     return Config(model=model, train=train)
