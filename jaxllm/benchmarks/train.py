@@ -107,7 +107,8 @@ def run(argv: list[str]) -> int:
     flops = flops_per_token(cfg.model, args.seq)
     print(f"device: {mesh.size} x {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"python {platform.python_version()}")
-    print(f"config: {args.config} {' '.join(args.overrides)}; batch {args.batch} x seq {args.seq}; mesh "
+    print(f"config: {args.config} {' '.join(args.overrides)}; {cfg.model.dtype} compute, {cfg.model.param_dtype} "
+          f"params; batch {args.batch} x seq {args.seq}; mesh "
           f"{dict(mesh.shape)}; {flops / 6e6:.2f}M active params-equivalent; MFU peak "
           f"{'%.0f TFLOP/s per device' % (peak / 1e12) if peak else 'n/a (CPU)'}")
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
