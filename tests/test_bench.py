@@ -96,10 +96,11 @@ def test_train_benchmark_times_the_training_loops_own_step(monkeypatch, capsys):
 
     monkeypatch.setattr(loop, "Trainer", Spy)
     assert run(["model.n_layer=1", "--config", str(ROOT / "configs/tiny-gpt.yaml"), "--batch", "8", "--seq", "16",
-                "--steps", "2", "--warmup", "1", "--no-torch", "train.optimizer=lion"]) == 0
+                "--steps", "2", "--warmup", "1", "--no-torch", "train.optimizer=lion", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     assert calls == [((8, 17), 8)] * 3  # 1 warm-up + 2 timed calls of the real step, over the 8-device mesh
     assert "jaxllm (Trainer, lion)" in out and "mesh {'data': 8" in out
+    assert "bfloat16 compute, float32 params" in out  # --dtype reached the model
 
 
 def test_train_benchmark_errors_are_one_line(capsys):
@@ -108,6 +109,9 @@ def test_train_benchmark_errors_are_one_line(capsys):
 
     with pytest.raises(ConfigError, match=r"--batch 12 must divide by the data x fsdp size \(8\)"):
         run(["--config", str(ROOT / "configs/tiny-gpt.yaml"), "--batch", "12", "--no-torch"])
+    for option, value in (("--batch", "0"), ("--seq", "-3"), ("--steps", "0"), ("--warmup", "-1")):
+        with pytest.raises(ConfigError, match=f"{option} {value} is invalid: must be an integer >= "):
+            run(["--config", str(ROOT / "configs/tiny-gpt.yaml"), option, value, "--no-torch"])
 
 
 @pytest.mark.parametrize("section, argv, row", [
