@@ -108,6 +108,22 @@ def test_chunked_cross_entropy_has_the_same_value_and_gradient(chunk):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_tidar_losses_chunked_equal_the_whole_ones():
+    """TiDAR's AR and diffusion cross-entropies, chunked (7 tokens a chunk over 2 x 16) or not:
+    the same three losses and the same gradient."""
+    from jaxllm.model.losses import tidar_losses
+
+    cfg = small(position=dict(kind="rope"), diffusion=dict(enabled=True, block_size=4))
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(5), (2, 17), 0, cfg.vocab_size - 1)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    results = [nnx.value_and_grad(lambda m: tidar_losses(m, x, y, chunk)[0])(model) for chunk in (0, 7)]
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(tidar_losses(model, x, y, 7), tidar_losses(model, x, y, 0), rtol=1e-6)
+
+
 def test_chunked_cross_entropy_never_holds_the_whole_logits():
     """The compiled forward+backward's temporaries: chunked, well under the [B*T, V] float32 logits
     (of which the unchunked loss holds at least two: logits and their gradient)."""

@@ -52,10 +52,11 @@ def tidar_mask(s: int, block_size: int, window: int | None = None) -> jax.Array:
     return visible(positions, groups, positions, groups, window)[0]
 
 
-def tidar_forward(model, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+def tidar_forward(model, tokens: jax.Array, head: bool = True) -> tuple[jax.Array, jax.Array]:
     """(clean-half logits [B, S, V], mask-half logits [B, S, V]) of one forward on the doubled
-    sequence. The clean half equals a plain causal forward of `tokens`."""
+    sequence. The clean half equals a plain causal forward of `tokens`. `head=False`: the
+    final-normed hidden states [B, S, D] of each half instead (see `Transformer`)."""
     s = tokens.shape[1]
     doubled, positions = tidar_inputs(tokens, mask_token_id(model.cfg))
-    logits = model(doubled, positions, groups=tidar_groups(s, model.cfg.diffusion.block_size)[None])
-    return logits[:, :s], logits[:, s:]
+    out = model(doubled, positions, groups=tidar_groups(s, model.cfg.diffusion.block_size)[None], head=head)
+    return out[:, :s], out[:, s:]

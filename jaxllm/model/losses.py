@@ -47,36 +47,46 @@ def chunked_cross_entropy(head, x: jax.Array, targets: jax.Array, chunk: int) ->
     return total / n
 
 
-def next_token_loss(model: Transformer, tokens: jax.Array, targets: jax.Array,
-                    router_noise: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
-    """Mean next-token cross-entropy of the model on `tokens`. `chunk`: tokens per piece of the
-    chunked cross-entropy (0: one piece; None: DEFAULT_CHUNK when the vocabulary has at least
-    CHUNKED_FROM_VOCAB entries and the batch more tokens than a chunk, else one piece)."""
+def chunk_size(model: Transformer, n_tokens: int, chunk: int | None) -> int:
+    """Tokens per piece of the chunked cross-entropy over `n_tokens`, 0 for one piece: `chunk`
+    (0: one piece; None: DEFAULT_CHUNK when the vocabulary has at least CHUNKED_FROM_VOCAB
+    entries), and one piece when all the tokens fit in a chunk."""
     if chunk is None:
         chunk = DEFAULT_CHUNK if model.cfg.vocab_size >= CHUNKED_FROM_VOCAB else 0
-    if not chunk or tokens.size <= chunk:
+    return chunk if chunk and n_tokens > chunk else 0
+
+
+def next_token_loss(model: Transformer, tokens: jax.Array, targets: jax.Array,
+                    router_noise: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
+    """Mean next-token cross-entropy of the model on `tokens`, chunked as `chunk_size` says."""
+    chunk = chunk_size(model, tokens.size, chunk)
+    if not chunk:
         return cross_entropy(model(tokens, router_noise=router_noise), targets)
     return chunked_cross_entropy(model.head, model(tokens, router_noise=router_noise, head=False), targets, chunk)
 
 
 def lm_loss(model: Transformer, tokens: jax.Array, targets: jax.Array,
             router_noise: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
-    """The training loss: next-token cross-entropy (`next_token_loss`, chunked as `chunk` says), or
-    TiDAR's (alpha * AR + diffusion) / (1 + alpha) when model.diffusion is on, plus every auxiliary
-    loss (MoE balance, z-loss...) of the forward (recorded in training mode only). `router_noise`:
-    see `Transformer` (not with diffusion)."""
+    """The training loss: next-token cross-entropy, or TiDAR's (alpha * AR + diffusion) / (1 + alpha)
+    when model.diffusion is on (each chunked as `chunk_size` says), plus every auxiliary loss (MoE
+    balance, z-loss...) of the forward (recorded in training mode only). `router_noise`: see
+    `Transformer` (not with diffusion)."""
     if model.cfg.diffusion.enabled:
         if router_noise is not None:
             raise ValueError("router_noise is not supported with model.diffusion")
-        return tidar_losses(model, tokens, targets)[0] + pop_aux_losses(model)
+        return tidar_losses(model, tokens, targets, chunk)[0] + pop_aux_losses(model)
     return next_token_loss(model, tokens, targets, router_noise, chunk) + pop_aux_losses(model)
 
 
-def tidar_losses(model, tokens: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def tidar_losses(model, tokens: jax.Array, targets: jax.Array,
+                 chunk: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(combined, AR, diffusion) losses: AR is next-token cross-entropy of the clean half on
     `targets`; diffusion is cross-entropy of each mask token on the clean token it stands for
-    (unshifted labels, every token masked); combined = (alpha * AR + diffusion) / (1 + alpha)."""
+    (unshifted labels, every token masked); combined = (alpha * AR + diffusion) / (1 + alpha).
+    Each half's cross-entropy is chunked as `chunk_size` says."""
     alpha = model.cfg.diffusion.alpha
-    clean, masked = tidar_forward(model, tokens)
-    ar, diffusion = cross_entropy(clean, targets), cross_entropy(masked, tokens)
+    chunk = chunk_size(model, tokens.size, chunk)
+    clean, masked = tidar_forward(model, tokens, head=not chunk)
+    loss = (lambda x, y: chunked_cross_entropy(model.head, x, y, chunk)) if chunk else cross_entropy  # noqa: E731
+    ar, diffusion = loss(clean, targets), loss(masked, tokens)
     return (alpha * ar + diffusion) / (1 + alpha), ar, diffusion
