@@ -61,7 +61,7 @@ class Transformer(nnx.Module):
     """tokens [B, T] (and optional positions [B, T]) -> float32 logits [B, T, V].
 
     The attention pattern is built once per forward (`attention_mask`) and read by every layer:
-    with no positions, groups or cache, the plain causal sliding window (the fused path);
+    with no positions, groups or cache, the plain causal sliding window (no mask array: the kernel applies it);
     otherwise the rule of `visible` on each token's position (-1: left padding) and group
     (`groups` [B or 1, T]: 0 for causal tokens, g >= 1 for the mask tokens of TiDAR draft block g).
 
