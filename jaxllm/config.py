@@ -363,7 +363,7 @@ def default_d_ff(mlp_kind: str, d_model: int) -> int:
     return 4 * d_model
 
 
-def _check_scan_layers(m: ModelConfig) -> None:
+def _validate_scan_layers(m: ModelConfig) -> None:
     """model.scan_layers needs blocks that record nothing and draw no randomness."""
     blockers = [name for name, on in (("dropout", m.dropout or m.attention.dropout or m.mlp.dropout),
                                       ("layerdrop", m.layerdrop), ("moe", m.moe.n_routed_experts),
@@ -390,7 +390,6 @@ def resolve(cfg: Config) -> Config:
     if attention.kind == "mla" and attention.mla.rope_theta is None:
         theta = m.position.rope_theta if m.position.kind == "rope" else 10000.0
         attention = dataclasses.replace(attention, mla=dataclasses.replace(attention.mla, rope_theta=theta))
-    _check_scan_layers(m)
     model = dataclasses.replace(m, attention=attention, mlp=mlp, moe=moe)
     train = cfg.train
     _validate_train(train, model)
@@ -503,6 +502,7 @@ def _validate_model(m: ModelConfig) -> None:
         _validate_diffusion(m.diffusion, m)
     if m.recursion.mode != "none":
         _validate_recursion(m.recursion, m)
+    _validate_scan_layers(m)
 
 
 def _validate_diffusion(d: DiffusionConfig, m: ModelConfig) -> None:

@@ -134,9 +134,6 @@ class DecodeCache:
         return dataclasses.replace(self, step=step)
 
 
-IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
-
-
 def implementation(choice: str, dtype, head_dim: int, masked: bool, backend: str | None = None) -> str:
     """The attention kernel `attend` runs: `choice` unless it is 'auto', which picks cuDNN's fused
     kernel on an NVIDIA GPU where it applies (16-bit dtype, head_dim a multiple of 8 up to 128,
