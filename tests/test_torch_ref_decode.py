@@ -1,4 +1,4 @@
-"""torch_ref decoding (docs/decoding-design.md), torch only: the cache against recomputation for
+"""torch_ref decoding (docs/sampling.md), torch only: the cache against recomputation for
 every attention and model kind, and TiDAR self-speculative decoding against plain decoding (greedy
 outputs, what reaches the cache, rollback, and the sampling rule's distribution). Small models with
 random weights; the configs come from jaxllm.config."""

@@ -1,4 +1,4 @@
-"""Text generation for torch_ref (docs/decoding-design.md): a prefill, then steps, each a forward of
+"""Text generation for torch_ref (docs/sampling.md): a prefill, then steps, each a forward of
 the model with its cache (torch_ref.model.Cache), and the sampling controls. The same semantics as
 jaxllm.decode, written to be read top to bottom.
 
@@ -153,7 +153,7 @@ def generate_plain(model, tokens, positions, max_new, process, temperature, seen
 
 def generate_tidar(model, tokens, positions, max_new, block, beta, process, temperature, seen, generator, ends,
                    on_token, cache_dtype):
-    """TiDAR (docs/decoding-design.md §3): the prefill gives the first block, each step commits
+    """TiDAR (docs/sampling.md, "TiDAR self-speculative decoding"): the prefill gives the first block, each step commits
     d_0..d_n and emits d_1..d_n and y_n. Returns (out, stats)."""
     batch, P = tokens.shape
     out, done, stats = [[] for _ in range(batch)], [False] * batch, [[] for _ in range(batch)]

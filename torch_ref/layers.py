@@ -56,7 +56,7 @@ def horizon(positions, groups):
 
 
 def visible(q_pos, q_group, k_pos, k_group, window=None):
-    """The one mask rule (docs/decoding-design.md §1): [B, T, S] booleans, True where query t may see
+    """The one mask rule (docs/sampling.md, "The mask"): [B, T, S] booleans, True where query t may see
     key s. Positions [B, T] / [B, S], groups [B or 1, ...] (0 causal, g >= 1 mask block g); a
     negative position is padding (group -1): it sees only padding, and nobody sees it.
 

@@ -153,7 +153,7 @@ def tidar_mask(s, block_size, window=None):
 
 
 class Cache:
-    """The decoding cache of the whole model (docs/decoding-design.md §2): each attention layer's
+    """The decoding cache of the whole model (docs/sampling.md, "Caches and the loop"): each attention layer's
     buffers (init_cache; a core layer of a recursive model has R, one per application of the
     core), `positions` [B, S] (the token position in each slot; -1: empty or padding) and `step`
     [B] (per row, the time step of the next write; time step t lives in slot t % S). Rollback is
