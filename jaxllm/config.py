@@ -210,6 +210,8 @@ class TrainConfig:
     # tokens per piece of the chunked cross-entropy (the [B, T, V] float32 logits never whole);
     # 0: one piece; None: 2048 when the vocabulary has >= 16384 entries, else one piece
     loss_chunk: int | None = None
+    # an update whose loss or gradient is non-finite is skipped; this many in a row stop the run
+    max_nonfinite_steps: int = 5
     # parallelism
     mesh: str = "data:-1"  # mesh axes data, fsdp, tensor, expert; -1 takes the remaining devices
     # evaluation, checkpoints, logging
@@ -246,7 +248,10 @@ def type_name(tp) -> str:
 
 
 def _coerce(value, tp, path: str):
-    """Check `value` against the annotation `tp`; return it (ints are accepted for floats)."""
+    """Check `value` against the annotation `tp`; return it (ints are accepted for floats; nan and
+    infinities never are: no field means anything by them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: got {value!r}, expected a finite number ({type_name(tp)})")
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -271,6 +276,8 @@ def _coerce(value, tp, path: str):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-6 as a string
+            if not math.isfinite(float(value)):  # 1e999
+                raise ConfigError(f"{path}: got {value!r}, which overflows to {float(value)}; expected a finite number")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -328,17 +335,38 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            raise ConfigError(f"config file {str(path)!r} {'is a directory' if path.is_dir() else 'does not exist'}; "
+                              f"give a YAML file such as configs/tiny-gpt.yaml")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                              f"offset {e.start}); allowed: a UTF-8 YAML file") from None
+        except OSError as e:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_reason(e)}") from None
+        if data is None:
+            raise ConfigError(f"config file {str(path)!r} is empty; allowed: a YAML mapping with model: and/or "
+                              f"train: sections")
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top level")
+            raise ConfigError(f"config file {str(path)!r} holds a {type(data).__name__}; allowed: a YAML mapping with "
+                              f"model: and/or train: sections")
     try:
         return config_from_dict(data, overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def _yaml_reason(e: yaml.YAMLError) -> str:
+    """One line of a YAML error: the problem and where ('mapping values are not allowed here (line 2, column 8)')."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split())
 
 
 def _deep_copy(data):
@@ -402,7 +430,7 @@ def _validate_train(t: TrainConfig, model: ModelConfig) -> None:
         _check(1 <= t.seq_len <= model.max_seq_len, "train.seq_len", t.seq_len,
                f"1..model.max_seq_len ({model.max_seq_len})")
     for name in ("max_steps", "grad_accum", "eval_every", "eval_batches", "checkpoint_every",
-                 "keep_checkpoints", "log_every", "sample_tokens", "bpe_vocab_size"):
+                 "keep_checkpoints", "log_every", "sample_tokens", "bpe_vocab_size", "max_nonfinite_steps"):
         _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
     _check(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
            f"a divisor of train.batch_size ({t.batch_size})")

@@ -459,9 +459,20 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+# The most new tokens one request may ask for: lengths and counts go to the decode loop as int32
+# (a longer request is a typo: at 1 ms a token, 2**31 tokens take 25 days).
+MAX_NEW_TOKENS = 2**31 - 1
+
+
+def check_max_new_tokens(n: int, name: str = "max_new_tokens") -> None:
+    if not 1 <= n <= MAX_NEW_TOKENS:
+        raise DecodeError(f"{name} is {n}; allowed: an integer in 1..{MAX_NEW_TOKENS} (2**31 - 1: decode "
+                          f"lengths are int32)")
+
+
 def validate_request(cfg, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None) -> None:
     """One-line DecodeErrors for what no model can decode: no prompt, an empty one, one that fills
-    the context, token ids outside the vocabulary, a length below 1."""
+    the context, token ids outside the vocabulary, a length outside 1..MAX_NEW_TOKENS."""
     if not prompts:
         raise DecodeError("no prompts given; give at least one")
     for i, ids in enumerate(prompts):
@@ -473,8 +484,7 @@ def validate_request(cfg, prompts: list[list[int]], max_new_tokens: int, eos_id:
         bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
         if bad:
             raise DecodeError(f"prompt {i} has token id {bad[0]}; allowed: 0..{cfg.vocab_size - 1}")
-    if max_new_tokens < 1:
-        raise DecodeError(f"max_new_tokens is {max_new_tokens}; allowed: an integer >= 1")
+    check_max_new_tokens(max_new_tokens)
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         raise DecodeError(f"eos_id is {eos_id}; allowed: 0..{cfg.vocab_size - 1} or none")
 

@@ -28,4 +28,10 @@ class PlatformError(RuntimeError):
     """The requested backend is unknown or not installed."""
 
 
-USER_ERRORS = (ConfigError, DataError, ConversionError, DecodeError, PlatformError)
+class TrainingError(RuntimeError):
+    """A run that cannot go on: a loss or gradient non-finite too many steps in a row, a checkpoint
+    that could not be written, a run directory another trainer holds. The run directory keeps its
+    last good checkpoint."""
+
+
+USER_ERRORS = (ConfigError, DataError, ConversionError, DecodeError, PlatformError, TrainingError)

@@ -22,7 +22,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from jaxllm.cli import ArgumentParser
+from jaxllm.cli import ArgumentParser, nonnegative_int
 from jaxllm.errors import DataError, DecodeError
 
 
@@ -33,7 +33,8 @@ def parser() -> ArgumentParser:
     source.add_argument("--run", metavar="DIR", help="a training run directory (config.yaml, tokenizer.json, checkpoints/)")
     source.add_argument("--checkpoint", metavar="PATH",
                         help="a safetensors weights file (torch_ref layout) or a run's checkpoint step, RUN/checkpoints/N")
-    p.add_argument("--step", type=int, default=None, help="with --run: the checkpoint step (default: the latest)")
+    p.add_argument("--step", type=nonnegative_int, default=None,
+                   help="with --run: the checkpoint step (default: the latest)")
     p.add_argument("--config", default=None, help="with --checkpoint: preset YAML when the file has no config (default: the file's)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, or the one beside --checkpoint)")
     prompts = p.add_mutually_exclusive_group()
@@ -76,6 +77,37 @@ class Loaded:
     tokenizer: object
     model: object  # a jaxllm Transformer or a torch_ref Transformer
     engine: str
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """The UTF-8 text of the file `what` names (e.g. 'prompt file'); one-line DataErrors for a
+    missing, unreadable or undecodable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {str(path)!r} {'is a directory' if path.is_dir() else 'does not exist'}; "
+                        f"give a UTF-8 text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                        f"{e.start}); allowed: UTF-8 text") from None
+    except OSError as e:
+        raise DataError(f"{what} {str(path)!r} cannot be read: {e.strerror or e}") from None
+
+
+MAX_SEED = 2**63 - 1  # jax.random.key takes an int64
+
+
+def check_settings(settings: "Settings") -> None:
+    """One-line DecodeErrors for settings no model can use (those that need the model, such as
+    --eos-id and --block, are checked once it is loaded)."""
+    from jaxllm.decode import Sampling, check_max_new_tokens
+
+    Sampling(settings.temperature, settings.top_k, settings.top_p, settings.min_p,
+             settings.repetition_penalty).validate()
+    check_max_new_tokens(settings.max_new_tokens)
+    if not 0 <= settings.seed <= MAX_SEED:
+        raise DecodeError(f"seed is {settings.seed}; allowed: an integer in 0..{MAX_SEED} (2**63 - 1)")
 
 
 def _tokenizer(path: Path):
@@ -269,8 +301,6 @@ FIELDS = {"temperature": ("temperature", float), "top_k": ("top_k", int), "top_p
 
 
 def interactive(loaded: Loaded, settings: Settings, *, stops, eos_id, cached, stream, read=input) -> int:
-    from jaxllm.decode import Sampling
-
     print(f"jaxllm sample: {loaded.cfg.n_layer} layers, width {loaded.cfg.d_model}, context "
           f"{loaded.cfg.max_seq_len}, engine {loaded.engine}. Type a prompt, or /help.")
     while True:
@@ -294,10 +324,7 @@ def interactive(loaded: Loaded, settings: Settings, *, stops, eos_id, cached, st
                 field, kind = FIELDS[name]
                 try:
                     candidate = dataclasses.replace(settings, **{field: kind(parts[1])})
-                    Sampling(candidate.temperature, candidate.top_k, candidate.top_p, candidate.min_p,
-                             candidate.repetition_penalty).validate()
-                    if candidate.max_new_tokens < 1:
-                        raise DecodeError(f"length is {candidate.max_new_tokens}; allowed: an integer >= 1")
+                    check_settings(candidate)
                 except ValueError as e:  # DecodeError too
                     msg = str(e) if isinstance(e, DecodeError) else f"{name} needs a {kind.__name__}, got {parts[1]!r}"
                     print(f"error: {msg}")
@@ -336,20 +363,20 @@ def main(argv: list[str]) -> int:
 
     if args.prompt is None and args.prompt_file is None and not args.interactive:
         raise DataError("nothing to do: give --prompt TEXT, --prompt-file FILE or --interactive")
+    settings = Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
+                        args.repetition_penalty, args.seed)
+    check_settings(settings)  # before any file is read or the model loaded
     texts = None
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise DataError(f"prompt file {str(path)!r} does not exist")
-        texts = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+        texts = [line for line in read_text(args.prompt_file, "prompt file").split("\n") if line.strip()]
         if not texts:
-            raise DataError(f"prompt file {str(path)!r} holds no prompt (one per line)")
+            raise DataError(f"prompt file {str(args.prompt_file)!r} holds no prompt (one per line)")
     elif args.prompt is not None:
         texts = [args.prompt.replace("\\n", "\n")]
     select_platform(args.platform)
     loaded = load(args)
-    settings = Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
-                        args.repetition_penalty, args.seed, *speculative_settings(args, loaded.cfg))
+    block, beta = speculative_settings(args, loaded.cfg)
+    settings = dataclasses.replace(settings, block=block, beta=beta)
     eos_id = eos_of(loaded.tokenizer, args.eos_id)
     cached = not args.no_cache
     if args.interactive:

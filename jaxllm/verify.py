@@ -8,7 +8,7 @@ import math
 import time
 from pathlib import Path
 
-from jaxllm.cli import ArgumentParser
+from jaxllm.cli import ArgumentParser, positive_float
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -74,6 +74,15 @@ def small_variant(cfg):
 
 
 def presets(paths: list[str]) -> list[Path]:
+    """The preset files named (default: every file in configs/). A name that is neither a file nor
+    a YAML file name (`model.d_model`: an override without its `=`) is a one-line ConfigError."""
+    from jaxllm.errors import ConfigError
+
+    for p in paths:
+        if not Path(p).exists() and Path(p).suffix.lower() not in (".yaml", ".yml"):
+            raise ConfigError(f"{p!r} is not a file nor a key=value override; verify takes preset YAML files "
+                              f"(default: every file in configs/) and key=value overrides applied to each, "
+                              f"e.g. model.d_model=128")
     if paths:
         return [Path(p) for p in paths]
     return sorted(CONFIG_DIR.glob("*.yaml"))
@@ -83,7 +92,7 @@ def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="jaxllm verify", description=__doc__)
     parser.add_argument("configs", nargs="*", help="preset YAML files (default: every file in configs/) "
                         "and key=value overrides applied to each, e.g. model.n_layer=2")
-    parser.add_argument("--max-params", type=float, default=100.0,
+    parser.add_argument("--max-params", type=positive_float, default=100.0,
                         help="presets above this many million parameters run forward/backward on a small "
                              "variant of the same architecture (default: 100)")
     parser.add_argument("--platform", choices=["cpu", "cuda", "tpu", "metal"], default=None,

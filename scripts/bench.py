@@ -2,7 +2,7 @@
 """Benchmarks: `python scripts/bench.py train|moe|recursion|decode [options]`. See `--help` of each section."""
 import sys
 
-from jaxllm.cli import run
+from jaxllm.cli import exit_with, run
 
 if __name__ == "__main__":
-    sys.exit(run("bench", sys.argv[1:]))
+    exit_with(run("bench", sys.argv[1:]))

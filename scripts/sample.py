@@ -2,7 +2,7 @@
 """Generate text: --run DIR | --checkpoint PATH, --prompt / --prompt-file / --interactive. See `--help`."""
 import sys
 
-from jaxllm.cli import run
+from jaxllm.cli import exit_with, run
 
 if __name__ == "__main__":
-    sys.exit(run("sample", sys.argv[1:]))
+    exit_with(run("sample", sys.argv[1:]))

@@ -2,7 +2,7 @@
 """Train a model: --config configs/X.yaml key=value ... See `--help`."""
 import sys
 
-from jaxllm.cli import run
+from jaxllm.cli import exit_with, run
 
 if __name__ == "__main__":
-    sys.exit(run("train", sys.argv[1:]))
+    exit_with(run("train", sys.argv[1:]))

@@ -44,7 +44,7 @@ def losses_and_params(cfg, mesh, batches):
         trainer = Trainer(cfg, mesh)
         losses = []
         for batch in batches:
-            trainer.state, loss, _ = trainer.train_step(trainer.state, trainer.put(batch))
+            trainer.state, loss, *_ = trainer.train_step(trainer.state, trainer.put(batch))
             losses.append(float(loss))
     return np.array(losses), trainer
 

@@ -54,9 +54,9 @@ def test_gradient_accumulation_4x2_equals_a_batch_of_8():
         whole, accumulated = Trainer(cfg1, mesh), Trainer(cfg4, mesh)
         initial = [np.asarray(x) for x in float_leaves(whole.state[0])]  # copied before donation
         for batch in batches:
-            whole.state, _, _ = whole.train_step(whole.state, whole.put(batch))
+            whole.state, *_ = whole.train_step(whole.state, whole.put(batch))
             for micro in np.split(batch, 4):
-                accumulated.state, _, _ = accumulated.train_step(accumulated.state, accumulated.put(micro))
+                accumulated.state, *_ = accumulated.train_step(accumulated.state, accumulated.put(micro))
     moved = 0
     for a, b, c in zip(float_leaves(whole.state[0]), float_leaves(accumulated.state[0]), initial, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
@@ -347,7 +347,7 @@ def test_train_step_applies_the_v3_router_bias_update():
         probe, _ = nnx.merge(trainer.graphdef, trainer.state)  # the step's forward, at the same parameters
         lm_loss(probe, batch[:, :-1], batch[:, 1:])
         loads = {path: np.asarray(v[...], np.float64) for path, v in nnx.to_flat_state(pop_expert_load(probe))}
-        trainer.state, _, _ = trainer.train_step(trainer.state, trainer.put(batch))
+        trainer.state, *_ = trainer.train_step(trainer.state, trainer.put(batch))
         model, _ = nnx.merge(trainer.graphdef, trainer.state)
     layers = {path: m for path, m in nnx.iter_graph(model) if isinstance(m, MoE)}
     assert layers and len(loads) == len(layers)

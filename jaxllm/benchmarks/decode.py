@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxllm.cli import ArgumentParser
+from jaxllm.cli import ArgumentParser, positive_int, positive_ints
 
 
 def _median_seconds(fn, runs: int) -> float:
@@ -106,6 +106,7 @@ def prompt_ids(args, cfg) -> np.ndarray | None:
     if args.prompt_text is None:
         return None
     from jaxllm.errors import ConfigError, DataError
+    from jaxllm.sample import read_text
     from jaxllm.train.tokenizer import load_tokenizer
 
     if args.run is None:
@@ -113,10 +114,48 @@ def prompt_ids(args, cfg) -> np.ndarray | None:
     path = Path(args.prompt_text)
     if not path.is_file():
         raise DataError(f"--prompt-text {str(path)!r} does not exist")
-    ids = np.asarray(load_tokenizer(Path(args.run) / "tokenizer.json").encode(path.read_text(encoding="utf-8")))
+    ids = np.asarray(load_tokenizer(Path(args.run) / "tokenizer.json").encode(read_text(path, "--prompt-text")))
     if len(ids) <= args.prompt_tokens:
         raise DataError(f"--prompt-text {str(path)!r} is {len(ids)} tokens; --prompt-tokens needs more than {args.prompt_tokens}")
     return ids
+
+
+def decode_bytes(cfg, batch: int, prompt_tokens: int, new: int) -> int:
+    """Bytes one jaxllm generation of `batch` rows allocates beside the weights: the KV cache
+    (`init_cache` at the padded lengths `generate` uses; its shapes from jax.eval_shape, nothing is
+    allocated) and the output buffer."""
+    import jax
+
+    from jaxllm.decode import bucket
+    from jaxllm.model.transformer import abstract_model
+
+    model = abstract_model(cfg)
+    cache = jax.eval_shape(lambda: model.init_cache(batch, bucket(prompt_tokens) + bucket(new)))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) + 4 * batch * bucket(new)
+
+
+def memory_bytes(device) -> int | None:
+    """The device's memory (an accelerator's bytes_limit; the host's RAM for a CPU), or None if unknown."""
+    import os
+
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg, batch: int, prompt_tokens: int, new: int, device) -> None:
+    """A one-line ConfigError when the largest batch's KV cache and output cannot fit the device."""
+    from jaxllm.errors import ConfigError
+
+    need, have = decode_bytes(cfg, batch, prompt_tokens, new), memory_bytes(device)
+    if have is not None and need > have:
+        raise ConfigError(f"--batch {batch} x (--prompt-tokens {prompt_tokens} + --new {new}) needs "
+                          f"{need / 2**30:,.1f} GiB for the KV cache and output, more than the {have / 2**30:,.1f} "
+                          f"GiB of {device.device_kind}; lower --batch, --prompt-tokens or --new")
 
 
 def run(argv: list[str]) -> int:
@@ -125,15 +164,17 @@ def run(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.n_layer=4")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="compute dtype (default: the config's)")
-    parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes (default: 1,32)")
+    parser.add_argument("--batch", type=positive_ints, default=[1, 32],
+                        help="comma-separated batch sizes (default: 1,32)")
     for flag, default, what in (("--prompt-tokens", 128, "prompt length"), ("--new", 256, "new tokens per row"),
                                 ("--runs", 3, "timed runs; the median is reported")):
-        parser.add_argument(flag, type=int, default=default, help=f"{what} (default: {default})")
+        parser.add_argument(flag, type=positive_int, default=default, help=f"{what} (default: {default})")
     parser.add_argument("--run", default=None, metavar="DIR", help="trained weights: a run directory (default: random)")
     parser.add_argument("--prompt-text", default=None, metavar="FILE",
                         help="with --run: prompts are slices of this text, encoded with the run's tokenizer")
     parser.add_argument("--speculative", choices=["tidar"], default=None, help="also time TiDAR decoding")
-    parser.add_argument("--block", default="8", help="with --speculative: comma-separated draft lengths (default: 8)")
+    parser.add_argument("--block", type=positive_ints, default=[8],
+                        help="with --speculative: comma-separated draft lengths (default: 8)")
     parser.add_argument("--beta", type=float, default=1.0, help="with --speculative: TiDAR's beta (default: 1)")
     parser.add_argument("--no-torch", action="store_true", help="skip torch_ref")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
@@ -145,36 +186,38 @@ def run(argv: list[str]) -> int:
     from jaxllm.config import load_config, to_dict
     from jaxllm.errors import ConfigError
     from jaxllm.convert import to_state_dict
+    from jaxllm.decode import MAX_NEW_TOKENS
     from jaxllm.model import Transformer
 
     overrides = list(args.overrides) + ([f"model.dtype={args.dtype}"] if args.dtype else [])
     if args.run is not None:
+        if overrides:
+            raise ConfigError("--run uses the run's own config; drop the overrides and --dtype")
         args.config = str(Path(args.run) / "config.yaml")
     cfg = load_config(args.config, overrides).model
-    try:
-        batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        raise ConfigError(f"--batch is {args.batch!r}; allowed: comma-separated integers such as 1,32") from None
+    batches, blocks = args.batch, args.block
     need = args.prompt_tokens + args.new
-    if need > cfg.max_seq_len and cfg.position.kind != "learned":  # rope: the context is only a declared limit
-        overrides.append(f"model.max_seq_len={need}")
+    if args.new > MAX_NEW_TOKENS:
+        raise ConfigError(f"--new {args.new} is invalid; allowed: 1..{MAX_NEW_TOKENS} (decode lengths are int32)")
+    if need > cfg.max_seq_len and cfg.position.kind != "learned" and args.run is None:
+        overrides.append(f"model.max_seq_len={need}")  # rope: the context is only a declared limit
         cfg = load_config(args.config, overrides).model
     if need > cfg.max_seq_len:
-        raise ConfigError(f"--prompt-tokens + --new is {args.prompt_tokens + args.new}; the context holds "
-                          f"{cfg.max_seq_len} (model.max_seq_len)")
+        raise ConfigError(f"--prompt-tokens + --new is {need}; the context holds {cfg.max_seq_len} "
+                          f"(model.max_seq_len{' of the run' if args.run is not None else ''})")
+    check_memory(cfg, max(batches), args.prompt_tokens, args.new, jax.devices()[0])
+    if args.speculative is not None:
+        from jaxllm.decode import TiDAR
+
+        specs = [TiDAR(block, args.beta).validate(cfg) for block in blocks]  # mistakes fail before any work
+    text_ids = prompt_ids(args, cfg)
     if args.run is None:
         model = Transformer(cfg, rngs=nnx.Rngs(0))
     else:
         from jaxllm.checkpoint import load_model
 
-        if overrides:
-            raise ConfigError("--run uses the run's own config; drop the overrides and --dtype")
         model, _ = load_model(Path(args.run))
     state_dict = to_state_dict(model)
-    try:
-        blocks = [int(b) for b in args.block.split(",")]
-    except ValueError:
-        raise ConfigError(f"--block is {args.block!r}; allowed: comma-separated integers such as 4,8,16") from None
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}")
     print(f"config: {args.config} {' '.join(overrides)}; dtype {cfg.dtype}; prompt {args.prompt_tokens}, "
@@ -182,11 +225,8 @@ def run(argv: list[str]) -> int:
     implementations = [("jaxllm (jit while_loop, KV cache)", lambda p: jax_rows(model, p, args.new, args.runs))]
     notes, tidar_stats = [], {}  # implementation name -> the DecodeStats of its runs
     if args.speculative is not None:
-        from jaxllm.decode import TiDAR
-
-        for block in blocks:
-            spec = TiDAR(block, args.beta).validate(cfg)
-            name = f"jaxllm TiDAR block {block}, beta {args.beta:g}"
+        for spec in specs:
+            name = f"jaxllm TiDAR block {spec.block}, beta {args.beta:g}"
             tidar_stats[name] = []
             implementations.append((name, lambda p, spec=spec, name=name: jax_rows(
                 model, p, args.new, args.runs, spec, tidar_stats[name])))
@@ -213,7 +253,6 @@ def run(argv: list[str]) -> int:
                 implementations.append((f"HF generate, static cache ({transformers.__version__})",
                                         lambda p: hf_rows(hf, p, args.new, args.runs, torch_device)))
     rng = np.random.default_rng(0)
-    text_ids = prompt_ids(args, cfg)
     print(f"{'implementation':40s} {'batch':>5s} {'ms/token':>9s} {'tokens/s':>10s}  same tokens as jaxllm")
     for batch in batches:
         if text_ids is None:

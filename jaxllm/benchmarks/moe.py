@@ -10,7 +10,7 @@ import datetime
 import time
 from pathlib import Path
 
-from jaxllm.cli import ArgumentParser
+from jaxllm.cli import ArgumentParser, positive_int
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "seed002-customllm.yaml"
 CPU_SIZED = ["model.n_layer=2"]  # applied before the command line's overrides
@@ -47,9 +47,10 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--config", default=str(CONFIG), help="MoE preset (default: seed002-customllm)")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides, e.g. model.n_layer=8 (default: model.n_layer=2)")
-    parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
-    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: 256)")
-    parser.add_argument("--steps", type=int, default=5,
+    parser.add_argument("--batch", type=positive_int, default=4, help="sequences per step (default: 4)")
+    parser.add_argument("--seq", type=positive_int, default=256,
+                        help="tokens per sequence, at most model.max_seq_len (default: 256)")
+    parser.add_argument("--steps", type=positive_int, default=5,
                         help="timed steps after the compile step; the median is reported (default: 5)")
     parser.add_argument("--dispatch", default="grouped,dense", help="comma-separated: grouped, dense (default: both)")
     args = parser.parse_intermixed_args(argv)
@@ -57,13 +58,17 @@ def run(argv: list[str]) -> int:
     import jax
 
     from jaxllm.config import load_config
+    from jaxllm.errors import ConfigError
 
     def config(dispatch: str):
-        return load_config(args.config, [*CPU_SIZED, f"model.max_seq_len={max(args.seq, 1)}",
-                                         f"train.seq_len={args.seq}", *args.overrides, f"model.moe.dispatch={dispatch}"])
+        return load_config(args.config, [*CPU_SIZED, "train.seq_len=null", *args.overrides,
+                                         f"model.moe.dispatch={dispatch}"])
 
     configs = {dispatch: config(dispatch) for dispatch in args.dispatch.split(",")}  # mistakes fail before timing
-    n_layer = next(iter(configs.values())).model.n_layer
+    n_layer, max_seq_len = next(iter(configs.values())).model.n_layer, next(iter(configs.values())).model.max_seq_len
+    if args.seq > max_seq_len:
+        raise ConfigError(f"--seq {args.seq} is longer than model.max_seq_len ({max_seq_len}); lower --seq or "
+                          f"raise model.max_seq_len")
     device = jax.devices()[0]
     print(f"bench moe: {Path(args.config).stem} {' '.join(args.overrides)}, n_layer={n_layer}, batch "
           f"{args.batch} x {args.seq} tokens, float32 params, forward+backward of CE + aux losses, median of "

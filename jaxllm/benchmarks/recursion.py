@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from jaxllm.cli import ArgumentParser
+from jaxllm.cli import ArgumentParser, positive_int, positive_ints
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-recursive.yaml"
 
@@ -41,9 +41,11 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--config", default=str(CONFIG),
                         help="a preset with model.recursion on (default: tiny-recursive)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.d_model=256 (default: none)")
-    parser.add_argument("--loops", default="2,8,32", help="comma-separated loop counts r (default: 2,8,32)")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
-    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: 256)")
+    parser.add_argument("--loops", type=positive_ints, default=[2, 8, 32],
+                        help="comma-separated loop counts r (default: 2,8,32)")
+    parser.add_argument("--batch", type=positive_int, default=8, help="sequences per step (default: 8)")
+    parser.add_argument("--seq", type=positive_int, default=256,
+                        help="tokens per sequence, at most model.max_seq_len (default: 256)")
     args = parser.parse_intermixed_args(argv)
 
     import jax
@@ -52,14 +54,13 @@ def run(argv: list[str]) -> int:
     from jaxllm.errors import ConfigError
 
     def config(*column: str):
-        return load_config(args.config, [f"model.max_seq_len={max(args.seq, 1)}", f"train.seq_len={args.seq}",
-                                         "model.recursion.random_loops=false", *args.overrides, *column])
+        return load_config(args.config, ["train.seq_len=null", "model.recursion.random_loops=false", *args.overrides,
+                                         *column])
 
-    try:
-        loops = [int(r) for r in args.loops.split(",")]
-    except ValueError:
-        raise ConfigError(f"--loops {args.loops!r}: expected comma-separated integers, e.g. 2,8,32") from None
     base = config()
+    if args.seq > base.model.max_seq_len:
+        raise ConfigError(f"--seq {args.seq} is longer than model.max_seq_len ({base.model.max_seq_len}); lower "
+                          f"--seq or raise model.max_seq_len")
     if base.model.recursion.mode == "none":
         raise ConfigError(f"bench recursion: {args.config} has model.recursion.mode='none'; pick a recursive preset")
     device = jax.devices()[0]
@@ -70,7 +71,7 @@ def run(argv: list[str]) -> int:
     print(f"device: {device.platform} ({device.device_kind}), jax {jax.__version__}, {datetime.date.today().isoformat()}")
     columns = [("no remat, grad all", False, None), ("remat, grad all", True, None), ("remat, grad k=2", True, 2)]
     print(f"{'r':>4s} " + " ".join(f"{name:>20s}" for name, _, _ in columns))
-    for n_loops in loops:
+    for n_loops in args.loops:
         row = []
         for _, remat, k in columns:
             cfg = config(f"model.remat={str(remat).lower()}", f"model.recursion.n_loops={n_loops}",

@@ -32,7 +32,7 @@ def jax_step_time(trainer, tokens: np.ndarray, n_warmup: int, n_steps: int) -> f
     batch = trainer.put(tokens)
 
     def step():
-        trainer.state, loss, _ = trainer.train_step(trainer.state, batch)
+        trainer.state, loss, *_ = trainer.train_step(trainer.state, batch)
         return loss
 
     return _time(step, n_warmup, n_steps, lambda loss: loss.block_until_ready())

@@ -22,6 +22,9 @@ Nothing is overwritten: DST must not exist; it is written under a temporary name
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
 from pathlib import Path
 
 from jaxllm.cli import ArgumentParser
@@ -141,9 +144,63 @@ def write_torch(dst: Path, model) -> None:
 
         state_dict = {k: torch.from_numpy(v) for k, v in to_state_dict(model).items()}
         with atomic_path(dst) as tmp:
-            torch.save(state_dict, tmp)
+            try:
+                torch.save(state_dict, tmp)
+            except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) so
+                raise OSError(f"torch.save failed: {str(e).splitlines()[0]}") from None
     else:
         raise ConversionError(f"--to torch: destination {str(dst)!r} must end in .pt, .pth or .safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# The destination
+
+
+def check_destination(dst: Path) -> None:
+    """One-line ConversionErrors for a destination that cannot be written: one that exists, one
+    under a regular file, one whose nearest existing directory is not writable."""
+    if dst.exists() or dst.is_symlink():
+        raise ConversionError(f"destination {str(dst)!r} already exists; choose a new path")
+    parent = dst.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConversionError(f"destination {str(dst)!r}: {str(parent)!r} is a file, not a directory; choose a "
+                              f"path in a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"destination {str(dst)!r}: directory {str(parent)!r} is not writable")
+
+
+def _reason(e: BaseException) -> str:
+    """The OS's reason in an OSError or a safetensors I/O error ('No space left on device')."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    match = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?(?: at path .*)?$", str(e).splitlines()[0])
+    return match[1] if match else str(e).splitlines()[0]
+
+
+@contextlib.contextmanager
+def writing(dst: Path):
+    """Create dst's missing parent directories; if the write fails, remove them again (the writers
+    themselves leave no temporary behind) and turn an OS error into one line naming dst."""
+    from safetensors import SafetensorError
+
+    missing = []
+    parent = dst.absolute().parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        for directory in reversed(missing):
+            directory.mkdir()
+        yield
+    except BaseException as e:
+        for directory in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        if isinstance(e, (OSError, SafetensorError)):
+            raise ConversionError(f"cannot write destination {str(dst)!r}: {_reason(e)}; nothing was written") from None
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,26 +210,31 @@ def main(argv: list[str] | None = None) -> int:
         raise ConversionError(f"--family applies to --to hf only (got --to {args.to})")
     if args.dtype is not None and args.to != "gguf":
         raise ConversionError(f"--dtype applies to --to gguf only (got --to {args.to})")
-    if dst.exists() or dst.is_symlink():
-        raise ConversionError(f"destination {str(dst)!r} already exists; choose a new path")
     if args.to == "gguf" and dst.suffix.lower() != ".gguf":
         raise ConversionError(f"--to gguf: destination {str(dst)!r} must end in .gguf")
+    if args.to == "torch" and dst.suffix not in (".pt", ".pth", ".safetensors"):
+        raise ConversionError(f"--to torch: destination {str(dst)!r} must end in .pt, .pth or .safetensors")
+    check_destination(dst)  # before the source is read
     model, tokenizer_dir = read_source(src, args.config)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if args.to == "jaxllm":
-        write_jaxllm(dst, model, tokenizer_dir)
-    elif args.to == "torch":
-        write_torch(dst, model)
-    elif args.to == "hf":
-        from jaxllm.convert.hf import save_hf
+    family = None
+    if args.to == "hf":
+        from jaxllm.convert.hf import check_exportable, infer_family
 
-        family = save_hf(dst, model, family=args.family, tokenizer_dir=tokenizer_dir)
-        print(f"wrote {dst} (Hugging Face {family})")
-        return 0
-    else:
-        from jaxllm.convert.gguf import save_gguf
+        family = args.family or infer_family(model.cfg)
+        check_exportable(model.cfg, family)  # before anything is written
+    with writing(dst):
+        if args.to == "jaxllm":
+            write_jaxllm(dst, model, tokenizer_dir)
+        elif args.to == "torch":
+            write_torch(dst, model)
+        elif args.to == "hf":
+            from jaxllm.convert.hf import save_hf
 
-        save_gguf(dst, model, dtype=args.dtype or "float32")
-    print(f"wrote {dst}")
+            save_hf(dst, model, family=family, tokenizer_dir=tokenizer_dir)
+        else:
+            from jaxllm.convert.gguf import save_gguf
+
+            save_gguf(dst, model, dtype=args.dtype or "float32")
+    print(f"wrote {dst}" + (f" (Hugging Face {family})" if family else ""))
     return 0
 

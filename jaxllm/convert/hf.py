@@ -276,7 +276,11 @@ def _llama_refusals(cfg: ModelConfig) -> list[str]:
     a = cfg.attention
     return _refused(*_llama_checks(cfg, mlp_bias=True), (a.kind == "mha", "Multi-head Latent Attention"),
                     (a.window is None, "a sliding window (use family 'mistral')"),
-                    (a.qkv_bias == a.out_bias, _ATTENTION_BIAS), _dense_check(cfg))
+                    (a.qkv_bias == a.out_bias, _ATTENTION_BIAS), _dense_check(cfg),
+                    # transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0 on load
+                    (cfg.d_model % a.n_head == 0,
+                     f"model.d_model={cfg.d_model} with model.attention.n_head={a.n_head}: transformers' "
+                     f"LlamaConfig needs d_model divisible by n_head (use family 'mistral')"))
 
 
 LLAMA = HFFamily(

@@ -3,7 +3,8 @@
     python scripts/train.py --config configs/seed003-char-gpt.yaml train.max_steps=500
 
 The run directory (default runs/<preset name>) receives the resolved config, the tokenizer, the
-tokenised corpus, checkpoints, metrics.jsonl and loss.png; running again there resumes.
+tokenised corpus, checkpoints, metrics.jsonl and loss.png; running again there resumes. The first
+Ctrl-C / SIGTERM stops after the current step with a checkpoint (exit 0); a second exits at once.
 """
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ def main(argv: list[str]) -> int:
         print(f"--- sample from {run_dir} at step {step} ---\n{text}")
         return 0
     last = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    if last.get("stopped_by"):
+        print(f"stopped by {last['stopped_by']} at step {last['step']}: checkpoint "
+              f"{str(run_dir / 'checkpoints' / str(last['step']))!r} saved; run the same command to continue")
+        return 0
     summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if last.get(k) is not None)
     print(f"done: step {last['step']}{', ' + summary if summary else ''}; run directory {run_dir}")
     return 0

@@ -79,33 +79,57 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
             yield doc[field]
 
 
+def check_corpus(data: str, text_field: str = "text", max_bytes: int | None = None) -> None:
+    """A DataError unless `train.data` exists and holds some text: checked before a run directory is
+    written to, so an empty corpus never leaves a tokenizer of nothing behind."""
+    if not any(iter_texts(data, text_field, max_bytes)):
+        raise DataError(f"train.data={data!r} holds no text (empty file or files); give a corpus")
+
+
 def tokenize_corpus(texts: Iterator[str], tokenizer, out_dir: Path) -> np.memmap:
-    """Encode the stream once into out_dir/tokens.bin (+ tokens.json); return the memory map."""
+    """Encode the stream once into out_dir/tokens.bin; save the tokenizer beside it; write
+    tokens.json last. tokens.json marks a finished preparation: without it, a run directory's
+    tokenizer and tokens are made again (an interrupted or failed one leaves nothing that is used)."""
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     eot = getattr(tokenizer, "eot_id", None)
     tmp = out_dir / "tokens.bin.tmp"
     n = 0
-    with open(tmp, "wb") as f:
-        for text in texts:
-            ids = tokenizer.encode(text)
-            if eot is not None:
-                ids = np.append(ids, eot)
-            f.write(ids.astype(dtype).tobytes())
-            n += len(ids)
-    if n == 0:
-        tmp.unlink()
-        raise DataError("the training data holds no text (empty file or files)")
-    tmp.replace(out_dir / "tokens.bin")
+    try:
+        with open(tmp, "wb") as f:
+            for text in texts:
+                ids = tokenizer.encode(text)
+                if eot is not None:
+                    ids = np.append(ids, eot)
+                f.write(ids.astype(dtype).tobytes())
+                n += len(ids)
+        if n == 0:
+            raise DataError("the training data holds no text (empty file or files)")
+        tokenizer.save(out_dir / "tokenizer.json")
+        tmp.replace(out_dir / "tokens.bin")
+    finally:
+        tmp.unlink(missing_ok=True)
     atomic_write(out_dir / "tokens.json", json.dumps({"n_tokens": n, "dtype": np.dtype(dtype).name}))
     return load_tokens(out_dir)
 
 
 def load_tokens(out_dir: Path) -> np.memmap | None:
-    meta_path = out_dir / "tokens.json"
+    """The run directory's tokens (memory-mapped), or None when it has none yet; a tokens.json or
+    tokens.bin that does not hold what tokens.json says is a one-line DataError."""
+    meta_path, bin_path = out_dir / "tokens.json", out_dir / "tokens.bin"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
-    return np.memmap(out_dir / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
+    redo = f"delete {str(bin_path)!r} and {str(meta_path)!r} to tokenise the corpus again"
+    try:
+        meta = json.loads(meta_path.read_text())
+        n, dtype = int(meta["n_tokens"]), np.dtype(meta["dtype"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{str(meta_path)!r} is corrupt ({type(e).__name__}: {e}); {redo}") from None
+    size = bin_path.stat().st_size if bin_path.is_file() else None
+    if size != n * dtype.itemsize:
+        found = "is missing" if size is None else f"holds {size:,} bytes, not {n * dtype.itemsize:,}"
+        raise DataError(f"{str(bin_path)!r} {found} ({n:,} {dtype.name} tokens in tokens.json): truncated or "
+                        f"replaced; {redo}")
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
 
 
 def split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,14 @@ A run directory holds `config.yaml` (the resolved config, vocab_size set from th
 `tokenizer.json`, `tokens.bin`/`tokens.json` (the corpus, tokenised once), `checkpoints/`,
 `metrics.jsonl` and `loss.png`. Running again in the same directory resumes from its latest
 checkpoint; a directory made by an incompatible config is refused before anything is written.
+While a run trains, `train.lock` in its directory holds off a second trainer.
+
+Nothing fails silently: an update whose loss or gradient is non-finite is skipped inside the jitted
+step and reported, and train.max_nonfinite_steps of them in a row stop the run (exit 2) with its
+last checkpoint intact; a checkpoint is never written with non-finite numbers, and a failed
+checkpoint write stops the run at once. The first SIGINT / SIGTERM finishes the step, writes a
+checkpoint and exits 0; a second exits at once (every file is written atomically, so a kill at
+any moment leaves the newest committed checkpoint to resume from).
 
 `train()` reads top to bottom; each job is one method of `Run`: set up (`Run(...)`), `restore`,
 `open_outputs`, then per step `train_step` (grad_accum micro-batches, one update), `train_record`
@@ -13,27 +21,32 @@ checkpoint; a directory made by an incompatible config is refused before anythin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import shutil
+import sys
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
 
-from jaxllm.checkpoint import Checkpointer, load_model
+from jaxllm.checkpoint import Checkpointer, committed_steps, load_model
+from jaxllm.cli import exit_now, signal_handler
 from jaxllm.config import Config, ModelConfig, to_dict, to_yaml
-from jaxllm.errors import DataError
-from jaxllm.files import atomic_write
+from jaxllm.errors import DataError, TrainingError
+from jaxllm.files import FileLock, atomic_write
 from jaxllm.metrics import flops_per_token, peak_flops
 from jaxllm.model import Transformer, lm_loss, next_token_loss
 from jaxllm.model.moe import pop_expert_load, update_router_bias
 from jaxllm.sharding import batch_divisor, batch_sharding, make_mesh, state_shardings
 from jaxllm.train import data as data_lib
 from jaxllm.train.monitor import MetricsLog, Wandb
-from jaxllm.train.optim import last_grad_norm, lr_schedule, make_optimizer
+from jaxllm.train.optim import last_grad_norm, lr_schedule, make_optimizer, nonfinite_counts, poison_unless_finite
 from jaxllm.train.tokenizer import build_tokenizer, load_tokenizer
 
 # Train fields that must match to continue a run in the same directory (the model section must too).
@@ -63,7 +76,7 @@ def _incompatibility(saved: dict, cfg: Config) -> str | None:
     """The first field (dotted) that differs between a run directory's saved config and `cfg`. A
     model field the saved config lacks (added to jaxllm since) counts at its default."""
     new = to_dict(cfg)
-    new["model"]["vocab_size"] = saved["model"]["vocab_size"]  # set from the tokenizer
+    new["model"]["vocab_size"] = saved["model"].get("vocab_size")  # set from the tokenizer
     pairs = [(f"train.{k}", saved["train"].get(k), new["train"][k]) for k in DATA_FIELDS]
     old_model, defaults = _dotted(saved["model"], "model."), _dotted(to_dict(ModelConfig()), "model.")
     pairs += [(k, old_model.get(k, defaults.get(k)), v) for k, v in _dotted(new["model"], "model.").items()
@@ -74,34 +87,55 @@ def _incompatibility(saved: dict, cfg: Config) -> str | None:
     return None
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, is_main: bool = True):
-    """Config (with vocab_size from the tokenizer), tokenizer and memory-mapped tokens of a run."""
+def saved_config(run_dir: Path) -> dict | None:
+    """The run directory's config.yaml as a dict (None when there is none); an empty or unreadable
+    one is a one-line DataError."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataError(f"{str(path)!r} is not YAML ({type(e).__name__}); restore it or use a new --run-dir") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("train"), dict)):
+        raise DataError(f"{str(path)!r} is empty or not a run's config (no model and train sections); restore it "
+                        f"or use a new --run-dir")
+    return saved
+
+
+def check_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Everything that can be known wrong before a run directory is written to: a saved config of
+    another run, a missing or empty corpus, corrupt tokens. Reads only."""
     t = cfg.train
-    saved_path = run_dir / "config.yaml"
-    if saved_path.exists():
-        saved = yaml.safe_load(saved_path.read_text())
-        if problem := _incompatibility(saved, cfg):
-            raise DataError(f"run directory {str(run_dir)!r} holds a run of another config ({problem}); "
-                            f"use a new --run-dir or the same config")
-    data_lib.corpus_files(t.data)  # a missing data path fails before anything is written
+    saved = saved_config(run_dir)
+    if saved is not None and (problem := _incompatibility(saved, cfg)):
+        raise DataError(f"run directory {str(run_dir)!r} holds a run of another config ({problem}); "
+                        f"use a new --run-dir or the same config")
+    data_lib.corpus_files(t.data)  # a missing data path
+    if data_lib.load_tokens(run_dir) is None:  # (a truncated tokens.bin is refused by load_tokens)
+        data_lib.check_corpus(t.data, t.text_field, t.max_corpus_bytes)
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, is_main: bool = True):
+    """Config (with vocab_size from the tokenizer), tokenizer and memory-mapped tokens of a run,
+    after `check_run_dir`. A new run directory gets its config.yaml here; an existing one keeps
+    its own until a resume has succeeded (`Run.restore` rewrites it)."""
+    check_run_dir(cfg, run_dir)
+    t = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
     texts = lambda: data_lib.iter_texts(t.data, t.text_field, t.max_corpus_bytes)  # noqa: E731
-    tok_path = run_dir / "tokenizer.json"
-    if tok_path.exists():
-        tokenizer = load_tokenizer(tok_path)
-    else:
-        tokenizer = build_tokenizer(t.tokenizer, texts, t.bpe_vocab_size)
-        if is_main:
-            tokenizer.save(tok_path)
     tokens = data_lib.load_tokens(run_dir)
-    if tokens is None:
+    if tokens is None:  # tokenizer.json and tokens.bin are written together, tokens.json last
+        tokenizer = build_tokenizer(t.tokenizer, texts, t.bpe_vocab_size)
         tokens = data_lib.tokenize_corpus(texts(), tokenizer, run_dir)
+    else:
+        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     # TiDAR reserves one more id, never produced by the tokenizer, for its [MASK] token
     reserved = 1 if cfg.model.diffusion.enabled and cfg.model.diffusion.mask_token_id is None else 0
     model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size + reserved)
     cfg = dataclasses.replace(cfg, model=model)
-    if is_main:
-        atomic_write(saved_path, to_yaml(cfg))
+    if is_main and not (run_dir / "config.yaml").exists():
+        atomic_write(run_dir / "config.yaml", to_yaml(cfg))
     return cfg, tokenizer, tokens
 
 
@@ -128,19 +162,30 @@ class Trainer:
         # The state is created already sharded: each device builds only its own pieces.
         self.state = jax.jit(lambda: nnx.state(create()), out_shardings=self.shardings)()
         self.train_step = jax.jit(self._train_step, in_shardings=(self.shardings, self.batch_sharding),
-                                  out_shardings=(self.shardings, replicated, replicated), donate_argnums=0)
+                                  out_shardings=(self.shardings, replicated, replicated, replicated),
+                                  donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step, in_shardings=(self.shardings, self.batch_sharding),
                                  out_shardings=replicated)
 
     def _train_step(self, state, batch):
-        """(new state, loss, grad_norm): one micro-batch through the model and the optimizer (with
-        train.grad_accum > 1, optax.MultiSteps applies the update every grad_accum calls). grad_norm
-        is the global norm of the last update's gradient: with accumulation, that of the whole batch."""
+        """(new state, loss, grad_norm, skipped): one micro-batch through the model and the optimizer
+        (with train.grad_accum > 1, optax.MultiSteps applies the update every grad_accum calls).
+        grad_norm is the global norm of the last update's gradient: with accumulation, that of the
+        whole batch. A non-finite loss or gradient leaves the state as it was (apply_if_finite);
+        skipped = [such micro-batches in a row, in all]."""
         model, optimizer = nnx.merge(self.graphdef, state)
         loss, grads = nnx.value_and_grad(lm_loss)(model, batch[:, :-1], batch[:, 1:], chunk=self.cfg.train.loss_chunk)
-        optimizer.update(model, grads)
+        optimizer.update(model, poison_unless_finite(loss, grads))
         update_router_bias(model, pop_expert_load(model))  # DeepSeek-V3 balancing; a no-op for other models
-        return nnx.state((model, optimizer)), loss, last_grad_norm(optimizer.opt_state)
+        return nnx.state((model, optimizer)), loss, last_grad_norm(optimizer.opt_state), nonfinite_counts(
+            optimizer.opt_state)
+
+    @staticmethod
+    @jax.jit
+    def all_finite(state) -> jax.Array:
+        """Whether every floating-point number of `state` is finite."""
+        return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)
+                                  if jnp.issubdtype(x.dtype, jnp.floating)]))
 
     def eval_model(self, state):
         """The model of `state` in eval mode (no dropout); the state itself is left as it is."""
@@ -186,31 +231,65 @@ def sample_from_run(run_dir: Path, prompt: str, n_tokens: int, temperature: floa
 
 def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> dict:
-    """Train (or continue) the run in `run_dir`; returns the last metrics. `stop_after` ends the
-    process early at that step (after its checkpoint), as an interruption would."""
-    run = Run(cfg, Path(run_dir), resume=resume)
+    """Train (or continue) the run in `run_dir`; returns the last metrics, with "stopped_by" (the
+    signal's name) when SIGINT / SIGTERM stopped it. `stop_after` ends the process early at that
+    step (after its checkpoint), as an interruption would."""
+    run = Run(cfg, Path(run_dir), resume=resume)  # (a signal while setting up exits at once: nothing to save)
     t = run.cfg.train
     last: dict = {}
-    try:
-        run.restore()
-        run.open_outputs(progress)
-        while run.step < t.max_steps:
-            grad_norm = run.train_step()
-            record = run.train_record(grad_norm) if run.due(t.log_every) else {}
-            if run.due(t.eval_every):
-                record = {**record, **run.evaluate()}
-            run.write(record)
-            if t.sample_every and run.step % t.sample_every == 0:
-                run.sample()
-            if run.due(t.checkpoint_every) or run.step == stop_after:
-                run.save(record.get("val_loss"))
-            last = {**last, **record}
-            if run.step == stop_after:
-                break
-        run.finish()
-    finally:
-        run.close()
-    return {**last, "step": run.step}
+    with graceful_stop() as stop:
+        try:
+            run.restore()
+            run.open_outputs(progress)
+            while run.step < t.max_steps and not stop.signal:
+                grad_norm = run.train_step()
+                record = run.train_record(grad_norm) if run.due(t.log_every) else {}
+                if run.due(t.eval_every):
+                    record = {**record, **run.evaluate()}
+                run.write(record)
+                if t.sample_every and run.step % t.sample_every == 0:
+                    run.sample()
+                if run.due(t.checkpoint_every) or run.step == stop_after or stop.signal:
+                    run.save(record.get("val_loss"))
+                last = {**last, **record}
+                if run.step == stop_after:
+                    break
+            run.finish()
+        finally:
+            run.close()
+    return {**last, "step": run.step, **({"stopped_by": stop.name} if stop.signal else {})}
+
+
+class GracefulStop:
+    """A SIGINT / SIGTERM handler for the training loop: the first asks the loop to stop after the
+    current step, with a checkpoint; a second exits at once (`jaxllm.cli.exit_now`)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    @property
+    def name(self) -> str | None:
+        return None if self.signal is None else signal_name(self.signal)
+
+    def __call__(self, signum, frame=None) -> None:
+        if self.signal is not None:
+            exit_now(signum)
+        self.signal = signum
+        print(f"\n{signal_name(signum)}: stopping after this step with a checkpoint ({signal_name(signum)} "
+              f"again exits at once)", file=sys.stderr, flush=True)
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def graceful_stop():
+    stop = GracefulStop()
+    with signal_handler(stop):
+        yield stop
 
 
 def stages(cfg: Config) -> list:
@@ -234,11 +313,12 @@ class Run:
     curriculum stage, data iterators, the window since the last log). Process 0 writes the files."""
 
     def __init__(self, cfg: Config, run_dir: Path, *, resume: bool):
-        """Set up: check the request, prepare the run directory (config, tokenizer, tokens) and build
-        the sharded model + optimizer state. Nothing is written before the checks pass."""
+        """Set up: check the request, take the run directory's lock, prepare it (config, tokenizer,
+        tokens) and build the sharded model + optimizer state. Nothing is written before the checks
+        pass; a run directory this set-up created is removed again if it fails."""
         self.run_dir = run_dir
         self.is_main = jax.process_index() == 0
-        if resume and not any((run_dir / "checkpoints").glob("[0-9]*")):
+        if resume and not committed_steps(run_dir / "checkpoints"):
             raise DataError(f"--resume: run directory {str(run_dir)!r} has no checkpoint to resume from")
         self.mesh = make_mesh(cfg.train.mesh)
         self.plan = stages(cfg)
@@ -248,21 +328,51 @@ class Run:
                 raise DataError(f"train.batch_size / train.grad_accum = {micro} sequences must divide by the "
                                 f"data x fsdp mesh size ({batch_divisor(self.mesh)}) and the process count "
                                 f"({jax.process_count()})")
-        self.cfg, self.tokenizer, tokens = _prepare_on_main_first(cfg, run_dir, self.is_main)
-        self.t = self.cfg.train
-        self.train_tokens, self.val_tokens = data_lib.split(tokens, self.t.val_fraction)
-        with jax.set_mesh(self.mesh):
-            self.trainer = Trainer(self.cfg, self.mesh)
-        self.checkpointer = Checkpointer(run_dir / "checkpoints", self.t.keep_checkpoints)
+        check_run_dir(cfg, run_dir)
+        self.lock = FileLock(run_dir / "train.lock")
+        created = not run_dir.exists()
+        try:
+            if self.is_main:
+                self._lock()
+            self.cfg, self.tokenizer, tokens = _prepare_on_main_first(cfg, run_dir, self.is_main)
+            self.t = self.cfg.train
+            self.train_tokens, self.val_tokens = data_lib.split(tokens, self.t.val_fraction)
+            with jax.set_mesh(self.mesh):
+                self.trainer = Trainer(self.cfg, self.mesh)
+            self.checkpointer = Checkpointer(run_dir / "checkpoints", self.t.keep_checkpoints,
+                                             fallback="move {path} out of the way to resume from step {step}")
+        except BaseException:
+            self.lock.release()
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         self.schedule = lr_schedule(self.t)
         self.peak = peak_flops(jax.devices()[0])
         self.step, self.stage_index = 0, 0
         self.metrics, self.wandb, self.bar = None, None, None
         self.window = Window()
+        self.pending_skips = None  # (step, device array [in a row, in all]) of the last step, read one step late
+        self.skipped = 0
+
+    def _lock(self) -> None:
+        """Create the run directory and take its lock, or refuse in one line while another trainer holds it."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            taken, owner = self.lock.acquire()
+        except OSError as e:
+            raise DataError(f"run directory {str(self.run_dir)!r} cannot be written ({e.strerror}); give a "
+                            f"--run-dir in a writable directory") from None
+        who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, since {owner.get('since', '?')}"
+        if not taken:
+            raise TrainingError(f"run directory {str(self.run_dir)!r} is in use by another trainer ({who}); wait "
+                                f"for it, stop it, or use another --run-dir")
+        if owner:
+            print(f"took over the lock of a trainer that is gone ({who})", file=sys.stderr)
 
     def restore(self) -> None:
         """Continue from the latest checkpoint, if any: its curriculum stage, model + optimizer state,
-        data iterator and step. Without one, the first stage from step 0."""
+        data iterator and step. Without one, the first stage from step 0. Then config.yaml records
+        this run's settings (a resume that fails leaves the old one)."""
         latest = self.checkpointer.latest_step()
         self._enter_stage(0 if latest is None else self.checkpointer.restore_meta(latest)["stage"])
         if latest is not None:
@@ -270,6 +380,8 @@ class Run:
             self.step = latest
             if self.is_main:
                 print(f"resumed from {self.run_dir / 'checkpoints'} at step {self.step}")
+        if self.is_main:
+            atomic_write(self.run_dir / "config.yaml", to_yaml(self.cfg))
 
     def open_outputs(self, progress: bool) -> None:
         """metrics.jsonl (cut back to the restored step), wandb and the progress bar (process 0), and
@@ -288,21 +400,55 @@ class Run:
         return self.step % every == 0 or self.step == self.t.max_steps
 
     def train_step(self) -> jax.Array:
-        """One optimizer update from train.grad_accum micro-batches; returns its gradient's norm."""
+        """One optimizer update from train.grad_accum micro-batches; returns its gradient's norm.
+        Then the checks that cost no device wait: a failed background checkpoint write, and the
+        previous step's count of skipped (non-finite) updates."""
         stage = self.plan[self.stage_index]
         for _ in range(self.t.grad_accum):
-            self.trainer.state, loss, grad_norm = self.trainer.train_step(self.trainer.state,
-                                                                          self.trainer.put(next(self.data_iter)))
+            self.trainer.state, loss, grad_norm, skips = self.trainer.train_step(
+                self.trainer.state, self.trainer.put(next(self.data_iter)))
             self.window.losses.append(loss)
         self.window.tokens += stage.batch_size * stage.seq_len
         self.step += 1
         self.bar.update(1)
+        self.checkpointer.check()
+        previous, self.pending_skips = self.pending_skips, (self.step, skips)
+        if previous is not None:
+            self._check_skips(*previous)
         return grad_norm
 
+    def _check_skips(self, step: int, skips: jax.Array) -> None:
+        """Report updates skipped up to `step`; stop the run after train.max_nonfinite_steps in a row."""
+        in_a_row, total = (int(x) for x in jax.device_get(skips))
+        if total > self.skipped:
+            self.say(f"step {step}: non-finite loss or gradient, update skipped ({in_a_row} in a row, {total} in all)",
+                     file=sys.stderr)
+            self.skipped = total
+        if in_a_row >= self.t.max_nonfinite_steps:
+            raise TrainingError(f"step {step}: the loss or gradient was non-finite {in_a_row} updates in a row "
+                                f"(train.max_nonfinite_steps={self.t.max_nonfinite_steps}); they were skipped and the "
+                                f"run stops, {self._last_checkpoint()}; lower train.lr ({self.t.lr:g}), set "
+                                f"train.grad_clip, or check the data")
+
+    def _settle_skips(self) -> None:
+        """The check of the step just taken, now (before a checkpoint, and at the end)."""
+        if self.pending_skips is not None:
+            self._check_skips(*self.pending_skips)
+            self.pending_skips = None
+
+    def _last_checkpoint(self) -> str:
+        self.checkpointer.wait()
+        steps = committed_steps(self.run_dir / "checkpoints")
+        return f"its last checkpoint is step {steps[-1]}" if steps else "no checkpoint was written"
+
     def train_record(self, grad_norm: jax.Array) -> dict:
-        """The log line of the steps since the last one: mean loss, lr, grad_norm, tokens/s, MFU."""
+        """The log line of the steps since the last one: mean loss (of the finite ones), lr,
+        grad_norm, tokens/s, MFU, updates skipped so far."""
+        self._settle_skips()  # (this waits for the step, as reading its loss does anyway)
         stage = self.plan[self.stage_index]
-        loss = float(np.mean(jax.device_get(self.window.losses)))
+        losses = np.asarray(jax.device_get(self.window.losses), np.float64)
+        finite = losses[np.isfinite(losses)]
+        loss = float(finite.mean()) if finite.size else math.nan
         tokens_per_s = self.window.tokens / (time.perf_counter() - self.window.start)
         mfu = self.flops * tokens_per_s / (self.peak * jax.device_count()) if self.peak else None
         self.bar.set_postfix_str(f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | "
@@ -310,7 +456,7 @@ class Run:
         self.window = Window()
         return {"step": self.step, "loss": loss, "lr": float(self.schedule(self.step - 1)),
                 "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s, "mfu": mfu,
-                "seq_len": stage.seq_len, "batch_size": stage.batch_size}
+                "seq_len": stage.seq_len, "batch_size": stage.batch_size, "skipped_updates": self.skipped}
 
     def evaluate(self) -> dict:
         """Validation loss and perplexity; at or below the stage's until_ppl, the next curriculum stage."""
@@ -341,26 +487,37 @@ class Run:
             self.say(f"--- sample at step {self.step} ---\n{text}\n---")
 
     def save(self, val_loss: float | None) -> None:
-        """A checkpoint of this step: state, data iterator, step and stage (async)."""
+        """A checkpoint of this step: state, data iterator, step and stage (async). Never of a state
+        with a non-finite number: that stops the run."""
+        self._settle_skips()
+        if not bool(self.trainer.all_finite(self.trainer.state)):
+            raise TrainingError(f"step {self.step}: the model or optimizer state holds non-finite numbers (an update "
+                                f"overflowed): not saved, the run stops, {self._last_checkpoint()}; lower train.lr "
+                                f"({self.t.lr:g}) or set train.grad_clip")
         self.checkpointer.save(self.step, self.trainer.state, self.data_iter,
                                {"step": self.step, "stage": self.stage_index}, val_loss)
 
     def finish(self) -> None:
-        """The final loss.png."""
+        """The last step's checks; the final loss.png."""
+        self._settle_skips()
         if self.is_main and self.metrics.records:
             self.metrics.plot(self.run_dir / "loss.png", title=self.run_dir.name)
 
     def close(self) -> None:
-        """Waits for the last checkpoint to be written; closes the bar and wandb."""
-        if self.bar is not None:
-            self.bar.close()
-        self.checkpointer.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        """Waits for the last checkpoint to be written; closes the bar and wandb; releases the lock."""
+        try:
+            if self.bar is not None:
+                self.bar.close()
+            self.checkpointer.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+        finally:
+            self.lock.release()
 
-    def say(self, message: str) -> None:
+    def say(self, message: str, file=None) -> None:
+        """A line to stdout (or `file`) from process 0, above the progress bar."""
         if self.is_main:
-            self.bar.write(message)
+            self.bar.write(message, file=file)
 
     def _enter_stage(self, index: int) -> None:
         """Curriculum stage `index`: its data iterator (seeded seed + index), validation batches and FLOPs."""

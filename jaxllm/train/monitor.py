@@ -4,28 +4,30 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
+from jaxllm.errors import DataError
 from jaxllm.files import atomic_write
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line ({"step": ..., "loss": ...} or {"step": ..., "val_loss": ...})."""
+    """metrics.jsonl: one JSON object per line ({"step": ..., "loss": ...} or {"step": ..., "val_loss": ...}).
+    A non-finite number is written as null: every line stays JSON."""
 
     def __init__(self, path: Path, resume_step: int = 0):
         self.path = Path(path)
         self.records: list[dict] = []
         if self.path.exists():  # keep what the checkpoint covers; drop steps a crash left behind
-            lines = self.path.read_text().splitlines()
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
-            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            atomic_write(self.path, "".join(_dumps(r) + "\n" for r in self.records))
 
     def log(self, record: dict) -> None:
         self.records.append(record)
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_dumps(record) + "\n")
 
     def plot(self, path: Path, title: str = "") -> None:
         """Train and validation loss against step, written to a temporary name and renamed."""
@@ -36,7 +38,7 @@ class MetricsLog:
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for key, label in (("loss", "train"), ("val_loss", "validation")):
-            points = [(r["step"], r[key]) for r in self.records if key in r]
+            points = [(r["step"], r[key]) for r in self.records if r.get(key) is not None and math.isfinite(r[key])]
             if points:
                 ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
         ax.set_xlabel("step")
@@ -48,6 +50,32 @@ class MetricsLog:
         fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         atomic_write(path, buffer.getvalue())
+
+
+def _dumps(record: dict) -> str:
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (what a kill during a write leaves) is
+    dropped; any other line that is not a JSON object with a step is a one-line DataError."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not an object with an integer step")
+        except ValueError as e:
+            if all(not rest.strip() for rest in lines[number:]):
+                break  # the torn last line of an interrupted write
+            raise DataError(f"{str(path)}:{number}: not a metrics record ({e}); the file is corrupt: repair or "
+                            f"delete that line to resume") from None
+        records.append(record)
+    return records
 
 
 class Wandb:

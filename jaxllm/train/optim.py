@@ -1,7 +1,9 @@
 """The optimizer, built from optax parts: the gradient's global norm kept for the logs, global-norm
 clipping, AdamW or Lion with decoupled weight decay masked off norms, biases (and embeddings unless
-`decay_embeddings`), a linear-warmup + cosine-decay learning rate, and gradient accumulation with
-optax.MultiSteps."""
+`decay_embeddings`), a linear-warmup + cosine-decay learning rate, gradient accumulation with
+optax.MultiSteps, and optax.apply_if_finite around it all: an update from a non-finite gradient is
+skipped (parameters and moments untouched) and counted in the optimizer state, inside the jitted
+step. The training loop stops the run after train.max_nonfinite_steps of them in a row."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -49,6 +51,18 @@ def last_grad_norm(opt_state) -> jax.Array:
     return optax.tree.get(opt_state, "grad_norm")[...]
 
 
+def poison_unless_finite(loss: jax.Array, grads):
+    """`grads`, or NaN everywhere when `loss` is not finite: a non-finite loss with a finite gradient
+    (which the chain rule makes all but impossible) is skipped like a non-finite gradient."""
+    return jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
+
+
+def nonfinite_counts(opt_state) -> jax.Array:
+    """[updates skipped in a row, updates skipped in all] (int32), from apply_if_finite's state."""
+    return jnp.stack([optax.tree.get(opt_state, "notfinite_count")[...],
+                      optax.tree.get(opt_state, "total_notfinite")[...]])
+
+
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
     schedule = lr_schedule(t)
     mask = lambda params: decay_mask(params, t.decay_embeddings)  # noqa: E731
@@ -58,4 +72,7 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
         opt = optax.lion(schedule, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=mask)
     clip = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
     chain = optax.chain(record_grad_norm(), *clip, opt)
-    return optax.MultiSteps(chain, every_k_schedule=t.grad_accum) if t.grad_accum > 1 else chain
+    if t.grad_accum > 1:
+        chain = optax.MultiSteps(chain, every_k_schedule=t.grad_accum)
+    # Never "give up and apply" (apply_if_finite's own limit): the loop stops the run instead.
+    return optax.apply_if_finite(chain, max_consecutive_errors=int(jnp.iinfo(jnp.int32).max))
