@@ -80,7 +80,7 @@ def presets(paths: list[str]) -> list[Path]:
 
     for p in paths:
         if not Path(p).exists() and Path(p).suffix.lower() not in (".yaml", ".yml"):
-            raise ConfigError(f"{p!r} is not a file nor a key=value override; verify takes preset YAML files "
+            raise ConfigError(f"{p!r} is neither a file nor a key=value override; verify takes preset YAML files "
                               f"(default: every file in configs/) and key=value overrides applied to each, "
                               f"e.g. model.d_model=128")
     if paths:

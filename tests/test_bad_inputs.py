@@ -24,7 +24,6 @@ import pytest
 from jaxllm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-XFAIL_TRAINING = pytest.mark.xfail(reason="training-side fix pending", strict=False)
 BAD_UTF8 = b"model:\n  d_model: 64 # caf\xe9\n"
 
 
@@ -149,6 +148,18 @@ def only_a_tmp_checkpoint(case: Path, ws: dict) -> None:
     run = copy_run(case, ws)
     step = step_dir(run)
     step.rename(step.with_name(f"{step.name}.orbax-checkpoint-tmp"))
+
+
+def corrupt_metrics_line(case: Path, ws: dict) -> None:
+    """A metrics.jsonl whose first line is damaged (not a torn last line, which a resume repairs)."""
+    metrics = copy_run(case, ws) / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "lo\n' + metrics.read_text().split("\n", 1)[1])
+
+
+def another_shape(case: Path, ws: dict) -> None:
+    """config.yaml edited to another width than its checkpoints were trained with."""
+    config = copy_run(case, ws) / "config.yaml"
+    config.write_text(config.read_text().replace("d_model: 64", "d_model: 32").replace("head_dim: 16", "head_dim: 8"))
 
 
 def empty_corpus(case: Path, ws: dict) -> None:
@@ -294,7 +305,7 @@ CASES = [
         "is a directory"),
     row("sample-prompt-file-blank", ["sample", "--checkpoint", "{model}", "--prompt-file", "{blank-prompts}"],
         "holds no prompt"),
-    row("sample-tokenizer-not-json", [*SAMPLE, "--tokenizer", "{bad-utf8-txt}"], "tokenizer file"),
+    row("sample-tokenizer-not-utf8", [*SAMPLE, "--tokenizer", "{bad-utf8-txt}"], "is not UTF-8 text (byte 8"),
     row("sample-config-not-utf8", ["sample", "--checkpoint", "{no-config}", "--config", "{bad-utf8-yaml}", "--prompt", "a"],
         "is not UTF-8 text"),
     row("sample-weights-corrupt", ["sample", "--checkpoint", "{corrupt}", "--prompt", "the"],
@@ -342,7 +353,7 @@ CASES = [
     row("verify-max-params-0", ["verify", "{gpt}", "--max-params", "0"], "argument --max-params"),
     row("verify-max-params-nan", ["verify", "{gpt}", "--max-params", "nan"], "argument --max-params"),
     row("verify-override-without-value", ["verify", "{gpt}", "model.d_model"],
-        "'model.d_model' is not a file nor a key=value override; verify takes preset YAML files"),
+        "'model.d_model' is neither a file nor a key=value override; verify takes preset YAML files"),
     row("verify-config-not-utf8", ["verify", "{bad-utf8-yaml}"], "is not UTF-8 text"),
     row("verify-config-missing", ["verify", "{ws}/nope.yaml"], "does not exist"),
     row("verify-bad-override", ["verify", "{gpt}", "model.n_layer=0"], "model.n_layer=0 is invalid"),
@@ -383,31 +394,33 @@ CASES = [
     row("bench-unknown-section", ["bench", "fly"], "unknown benchmark section 'fly'"),
 ]
 
-# The training side's defects (run directories, checkpoints, data): marked until those fixes land.
-TRAINING_SIDE_CASES = [row(*args, **kwargs, marks=XFAIL_TRAINING) for args, kwargs in [
+# The training side's defects (run directories, checkpoints, data).
+TRAINING_SIDE_CASES = [row(*args, **kwargs) for args, kwargs in [
     (("train-empty-data", ["train", "--config", "{llama}", "train.data={case}/empty.txt", "--run-dir", "{case}/new",
-                           "--no-progress", "train.max_steps=1", "train.warmup_steps=0"], "empty"), dict(setup=empty_corpus)),
-    (("sample-run-truncated-state", ["sample", "--run", "{case}/run", "--prompt", "the"], "checkpoint"),
+                           "--no-progress", "train.max_steps=1", "train.warmup_steps=0"], "holds no text"),
+     dict(setup=empty_corpus)),
+    (("sample-run-truncated-state", ["sample", "--run", "{case}/run", "--prompt", "the"], "cannot be read (ValueError"),
      dict(setup=truncated_state_file)),
-    (("convert-run-truncated-state", ["convert", "{case}/run", "{case}/x.safetensors", "--to", "jaxllm"], "checkpoint"),
+    (("convert-run-truncated-state", ["convert", "{case}/run", "{case}/x.safetensors", "--to", "jaxllm"],
+      "cannot be read (ValueError"),
      dict(setup=truncated_state_file)),
-    (("sample-run-empty-state-files", ["sample", "--run", "{case}/run", "--prompt", "the"], "checkpoint"),
+    (("sample-run-empty-state-files", ["sample", "--run", "{case}/run", "--prompt", "the"], "cannot be read"),
      dict(setup=empty_state_files)),
-    (("sample-run-step-without-state", ["sample", "--run", "{case}/run", "--prompt", "the"], "checkpoint"),
+    (("sample-run-step-without-state", ["sample", "--run", "{case}/run", "--prompt", "the"], "(it lacks state)"),
      dict(setup=step_without_state)),
-    (("convert-run-step-without-state", ["convert", "{case}/run", "{case}/x.pt", "--to", "torch"], "checkpoint"),
+    (("convert-run-step-without-state", ["convert", "{case}/run", "{case}/x.pt", "--to", "torch"], "(it lacks state)"),
      dict(setup=step_without_state)),
-    (("sample-run-empty-config", ["sample", "--run", "{case}/run", "--prompt", "the"], "config"),
+    (("sample-run-empty-config", ["sample", "--run", "{case}/run", "--prompt", "the"], "config.yaml' is empty"),
      dict(setup=empty_run_config)),
-    (("convert-run-empty-config", ["convert", "{case}/run", "{case}/x.pt", "--to", "torch"], "config"),
+    (("convert-run-empty-config", ["convert", "{case}/run", "{case}/x.pt", "--to", "torch"], "config.yaml' is empty"),
      dict(setup=empty_run_config)),
     (("train-resume-empty-config", ["train", "--config", "{run}/config.yaml", "--run-dir", "{case}/run", "--no-progress"],
-      "config"), dict(setup=empty_run_config)),
+      "is empty or not a run's config"), dict(setup=empty_run_config)),
     (("train-resume-truncated-tokens", ["train", "--config", "{run}/config.yaml", "--run-dir", "{case}/run",
-                                        "--no-progress", "train.max_steps=3"], "tokens.bin"),
+                                        "--no-progress", "train.max_steps=3"], "tokens.bin' holds 5 bytes"),
      dict(setup=truncated_tokens)),
     (("train-resume-only-tmp-checkpoint", ["train", "--config", "{run}/config.yaml", "--run-dir", "{case}/run",
-                                           "--resume", "--no-progress"], "checkpoint"),
+                                           "--resume", "--no-progress"], "--resume: run directory"),
      dict(setup=only_a_tmp_checkpoint)),
     (("sample-run-only-tmp-checkpoint", ["sample", "--run", "{case}/run", "--prompt", "the"], "no checkpoint"),
      dict(setup=only_a_tmp_checkpoint)),
@@ -416,9 +429,14 @@ TRAINING_SIDE_CASES = [row(*args, **kwargs, marks=XFAIL_TRAINING) for args, kwar
     (("train-run-dir-read-only", ["train", "--config", "{run}/config.yaml", "--run-dir", "{case}/ro/run",
                                   "--no-progress"], "{case}/ro"),
      dict(setup=lambda case, ws: (case / "ro").mkdir(), patch=lambda case: fake_read_only_run_dir(f"{case}/ro"))),
+    (("train-resume-corrupt-metrics-line", ["train", "--config", "{run}/config.yaml", "--run-dir", "{case}/run",
+                                            "--no-progress", "train.max_steps=3"], "metrics.jsonl:1: not a metrics record"),
+     dict(setup=corrupt_metrics_line)),
+    (("sample-run-checkpoint-of-another-shape", ["sample", "--run", "{case}/run", "--prompt", "the"],
+      "is not compatible with the stored shape"), dict(setup=another_shape)),
 ]]
 # Not a row: a torn last line of metrics.jsonl is repaired on resume rather than refused, and a
-# lock held by another live trainer needs a second live process (both are tested elsewhere).
+# lock held by another live trainer needs a second live process (both in tests/test_reliability.py).
 
 
 @pytest.mark.parametrize("argv, expected, setup, patch", CASES + TRAINING_SIDE_CASES)

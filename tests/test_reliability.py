@@ -23,19 +23,10 @@ from jaxllm.config import load_config
 from jaxllm.errors import DataError, TrainingError
 from jaxllm.files import FileLock, atomic_dir, atomic_write
 from jaxllm.train.monitor import read_metrics
+from tests.test_train import ROOT, corpus  # noqa: F401 (a fixture: about 40k characters of varied text)
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.n_layer=1", "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8",
          "train.warmup_steps=2", "train.eval_batches=2", "train.sample_every=0", "train.wandb=disabled"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "runs", "far", "away"]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words, size=12)) + "." for _ in range(600)), encoding="utf-8")
-    return path
 
 
 def train_argv(corpus, run_dir, *overrides) -> list[str]:

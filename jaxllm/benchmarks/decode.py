@@ -112,8 +112,6 @@ def prompt_ids(args, cfg) -> np.ndarray | None:
     if args.run is None:
         raise ConfigError("--prompt-text needs --run (its tokenizer encodes the text)")
     path = Path(args.prompt_text)
-    if not path.is_file():
-        raise DataError(f"--prompt-text {str(path)!r} does not exist")
     ids = np.asarray(load_tokenizer(Path(args.run) / "tokenizer.json").encode(read_text(path, "--prompt-text")))
     if len(ids) <= args.prompt_tokens:
         raise DataError(f"--prompt-text {str(path)!r} is {len(ids)} tokens; --prompt-tokens needs more than {args.prompt_tokens}")

@@ -135,10 +135,12 @@ def save_gguf(path: str | Path, model, dtype: str = "float32", name: str = "jaxl
             if dtype == "float16" and value.ndim >= 2 and not tensor_name.endswith("ffn_gate_inp.weight"):
                 value = value.astype(np.float16)
             writer.add_tensor(tensor_name, value)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:  # a failed write (a full disk) closes the file too, before atomic_path removes it
+            writer.close()
 
 
 def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:

@@ -46,7 +46,8 @@ from jaxllm.model.moe import pop_expert_load, update_router_bias
 from jaxllm.sharding import batch_divisor, batch_sharding, make_mesh, state_shardings
 from jaxllm.train import data as data_lib
 from jaxllm.train.monitor import MetricsLog, Wandb
-from jaxllm.train.optim import last_grad_norm, lr_schedule, make_optimizer, nonfinite_counts, poison_unless_finite
+from jaxllm.train.optim import (last_grad_norm, lr_schedule, make_optimizer, nonfinite_counts, poison_unless_finite,
+                                 update_applied)
 from jaxllm.train.tokenizer import build_tokenizer, load_tokenizer
 
 # Train fields that must match to continue a run in the same directory (the model section must too).
@@ -176,7 +177,9 @@ class Trainer:
         model, optimizer = nnx.merge(self.graphdef, state)
         loss, grads = nnx.value_and_grad(lm_loss)(model, batch[:, :-1], batch[:, 1:], chunk=self.cfg.train.loss_chunk)
         optimizer.update(model, poison_unless_finite(loss, grads))
-        update_router_bias(model, pop_expert_load(model))  # DeepSeek-V3 balancing; a no-op for other models
+        applied = update_applied(optimizer.opt_state)  # a skipped update moves no router bias either (load 0)
+        loads = jax.tree.map(lambda load: jnp.where(applied, load, 0), pop_expert_load(model))
+        update_router_bias(model, loads)  # DeepSeek-V3 balancing; a no-op for other models
         return nnx.state((model, optimizer)), loss, last_grad_norm(optimizer.opt_state), nonfinite_counts(
             optimizer.opt_state)
 
@@ -330,7 +333,7 @@ class Run:
                                 f"({jax.process_count()})")
         check_run_dir(cfg, run_dir)
         self.lock = FileLock(run_dir / "train.lock")
-        created = not run_dir.exists()
+        created = self.is_main and not run_dir.exists()  # (other hosts never remove a shared directory)
         try:
             if self.is_main:
                 self._lock()
@@ -371,8 +374,7 @@ class Run:
 
     def restore(self) -> None:
         """Continue from the latest checkpoint, if any: its curriculum stage, model + optimizer state,
-        data iterator and step. Without one, the first stage from step 0. Then config.yaml records
-        this run's settings (a resume that fails leaves the old one)."""
+        data iterator and step. Without one, the first stage from step 0."""
         latest = self.checkpointer.latest_step()
         self._enter_stage(0 if latest is None else self.checkpointer.restore_meta(latest)["stage"])
         if latest is not None:
@@ -380,14 +382,14 @@ class Run:
             self.step = latest
             if self.is_main:
                 print(f"resumed from {self.run_dir / 'checkpoints'} at step {self.step}")
-        if self.is_main:
-            atomic_write(self.run_dir / "config.yaml", to_yaml(self.cfg))
 
     def open_outputs(self, progress: bool) -> None:
-        """metrics.jsonl (cut back to the restored step), wandb and the progress bar (process 0), and
+        """metrics.jsonl (cut back to the restored step), then config.yaml (this run's settings: a
+        resume that fails before here leaves the old one), wandb and the progress bar (process 0), and
         one line about the run; the first throughput window starts here."""
         if self.is_main:
             self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step)
+            atomic_write(self.run_dir / "config.yaml", to_yaml(self.cfg))
             self.wandb = Wandb(self.t.wandb, self.t.wandb_project, self.run_dir, to_dict(self.cfg))
             n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(self.trainer.state[0], nnx.Param)))
             print(f"{n_params / 1e6:.2f}M parameters, vocab {self.cfg.model.vocab_size}, {len(self.train_tokens):,} "

@@ -63,6 +63,11 @@ def nonfinite_counts(opt_state) -> jax.Array:
                       optax.tree.get(opt_state, "total_notfinite")[...]])
 
 
+def update_applied(opt_state) -> jax.Array:
+    """Whether the last update was applied (False: skipped as non-finite)."""
+    return optax.tree.get(opt_state, "last_finite")[...]
+
+
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
     schedule = lr_schedule(t)
     mask = lambda params: decay_mask(params, t.decay_embeddings)  # noqa: E731

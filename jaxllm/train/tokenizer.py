@@ -99,7 +99,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         data = json.loads(text)
     except FileNotFoundError:
         raise DataError(f"tokenizer file {str(path)!r} does not exist") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise DataError(f"tokenizer file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); give a "
+                        f"tokenizer.json") from None
+    except json.JSONDecodeError as e:
         raise DataError(f"tokenizer file {str(path)!r} is not JSON: {e}") from None
     if isinstance(data, dict) and data.get("type") == "char":
         return CharTokenizer(data["chars"])
