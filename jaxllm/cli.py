@@ -160,5 +160,6 @@ def exit_now(signum, frame=None) -> None:
     print(f"\ninterrupted ({signal.Signals(signum).name}): exiting", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
+
 if __name__ == "__main__":
     entry()

@@ -49,8 +49,8 @@ def test_byte_level_bpe_trains_to_the_vocab_size_and_round_trips_unseen_text(tmp
     assert np.array_equal(loaded.encode(TEXT), tok.encode(TEXT))
 
 
-@pytest.mark.parametrize("content, needle", [(None, "does not exist"), (b"\xff\xfe", "is not JSON"),
-                                             (b'{"model": 1}', "not a tokenizers JSON")])
+@pytest.mark.parametrize("content, needle", [(None, "does not exist"), (b"\xff\xfe", "is not UTF-8 text"),
+                                             (b"{nope", "is not JSON"), (b'{"model": 1}', "not a tokenizers JSON")])
 def test_bad_tokenizer_files_are_one_line_errors(tmp_path, content, needle):
     path = tmp_path / "tok.json"
     if content is not None:
