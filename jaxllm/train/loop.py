@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import math
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -112,16 +113,22 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
     if saved is not None and (problem := _incompatibility(saved, cfg)):
         raise DataError(f"run directory {str(run_dir)!r} holds a run of another config ({problem}); "
                         f"use a new --run-dir or the same config")
-    data_lib.corpus_files(t.data)  # a missing data path
     if data_lib.load_tokens(run_dir) is None:  # (a truncated tokens.bin is refused by load_tokens)
-        data_lib.check_corpus(t.data, t.text_field, t.max_corpus_bytes)
+        data_lib.check_corpus(t.data, t.text_field, t.max_corpus_bytes)  # also a missing data path
+    else:
+        data_lib.corpus_files(t.data)  # a missing data path
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, is_main: bool = True):
-    """Config (with vocab_size from the tokenizer), tokenizer and memory-mapped tokens of a run,
-    after `check_run_dir`. A new run directory gets its config.yaml here; an existing one keeps
-    its own until a resume has succeeded (`Run.restore` rewrites it)."""
+    """Config (with vocab_size from the tokenizer), tokenizer and memory-mapped tokens of a run:
+    `check_run_dir`, then `_prepare_checked_run_dir`."""
     check_run_dir(cfg, run_dir)
+    return _prepare_checked_run_dir(cfg, run_dir, is_main)
+
+
+def _prepare_checked_run_dir(cfg: Config, run_dir: Path, is_main: bool = True):
+    """`prepare_run_dir` after its checks. A new run directory gets its config.yaml here; an existing
+    one keeps its own until a resume has read its checkpoint and metrics (`Run.open_outputs`)."""
     t = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
     texts = lambda: data_lib.iter_texts(t.data, t.text_field, t.max_corpus_bytes)  # noqa: E731
@@ -272,20 +279,14 @@ class GracefulStop:
 
     @property
     def name(self) -> str | None:
-        return None if self.signal is None else signal_name(self.signal)
+        return None if self.signal is None else signal.Signals(self.signal).name
 
     def __call__(self, signum, frame=None) -> None:
         if self.signal is not None:
             exit_now(signum)
         self.signal = signum
-        print(f"\n{signal_name(signum)}: stopping after this step with a checkpoint ({signal_name(signum)} "
-              f"again exits at once)", file=sys.stderr, flush=True)
-
-
-def signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
+        print(f"\n{self.name}: stopping after this step with a checkpoint ({self.name} again exits at once)",
+              file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -533,14 +534,15 @@ class Run:
 
 
 def _prepare_on_main_first(cfg: Config, run_dir: Path, is_main: bool):
-    """Process 0 builds the tokenizer and token file; the other hosts then read them (shared disk)."""
+    """Process 0 builds the tokenizer and token file; the other hosts then read them (shared disk).
+    `Run` has run `check_run_dir` already."""
     if jax.process_count() == 1:
-        return prepare_run_dir(cfg, run_dir)
+        return _prepare_checked_run_dir(cfg, run_dir)
     from jax.experimental import multihost_utils
 
-    prepared = prepare_run_dir(cfg, run_dir) if is_main else None
+    prepared = _prepare_checked_run_dir(cfg, run_dir) if is_main else None
     multihost_utils.sync_global_devices("jaxllm.train: run directory prepared")
-    return prepared or prepare_run_dir(cfg, run_dir, is_main=False)
+    return prepared or _prepare_checked_run_dir(cfg, run_dir, is_main=False)
 
 
 def _progress(initial: int, total: int, enabled: bool):
