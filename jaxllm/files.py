@@ -1,10 +1,13 @@
 """The one way jaxllm writes a file: to a temporary name beside it, renamed into place on success,
 removed on failure, so an interrupted or failed write never leaves a half-written file. The result
 has the mode `open` would give it: an existing file's, or 0666 / 0777 less the umask (mkstemp's
-own 0600 / 0700 would hide run directories from the rest of a team)."""
+own 0600 / 0700 would hide run directories from the rest of a team). Also: `read_text`, the one
+reader of user-given text files (config.load_config has its own: config may import only errors),
+and `FileLock`."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -63,6 +66,24 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def read_text(path: str | Path, what: str, allowed: str = "a UTF-8 text file") -> str:
+    """The UTF-8 text of the file `what` names (e.g. 'prompt file'); a one-line DataError for a
+    missing, unreadable or undecodable one."""
+    from jaxllm.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {str(path)!r} {'is a directory' if path.is_dir() else 'does not exist'}; "
+                        f"give {allowed}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                        f"{e.start}); allowed: {allowed}") from None
+    except OSError as e:
+        raise DataError(f"{what} {str(path)!r} cannot be read: {e.strerror or e}") from None
+
+
 class FileLock:
     """An exclusive lock on `path` (flock), whose file names its owner (pid, host, start time) for
     whoever is refused. The kernel drops the lock when the owner exits, even by SIGKILL, so a lock
@@ -75,8 +96,7 @@ class FileLock:
 
     def acquire(self) -> tuple[bool, dict]:
         """(True, the previous owner's record or {}) when taken; (False, the owner's record) when held."""
-        import fcntl
-        import json
+        import fcntl  # (POSIX only)
         import socket
         import time
 
@@ -109,8 +129,6 @@ class FileLock:
 
 
 def _read_owner(fd: int) -> dict:
-    import json
-
     try:
         owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
     except ValueError:

@@ -79,22 +79,6 @@ class Loaded:
     engine: str
 
 
-def read_text(path: str | Path, what: str) -> str:
-    """The UTF-8 text of the file `what` names (e.g. 'prompt file'); one-line DataErrors for a
-    missing, unreadable or undecodable file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} {str(path)!r} {'is a directory' if path.is_dir() else 'does not exist'}; "
-                        f"give a UTF-8 text file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                        f"{e.start}); allowed: UTF-8 text") from None
-    except OSError as e:
-        raise DataError(f"{what} {str(path)!r} cannot be read: {e.strerror or e}") from None
-
-
 MAX_SEED = 2**63 - 1  # jax.random.key takes an int64
 
 
@@ -368,6 +352,8 @@ def main(argv: list[str]) -> int:
     check_settings(settings)  # before any file is read or the model loaded
     texts = None
     if args.prompt_file is not None:
+        from jaxllm.files import read_text
+
         texts = [line for line in read_text(args.prompt_file, "prompt file").split("\n") if line.strip()]
         if not texts:
             raise DataError(f"prompt file {str(args.prompt_file)!r} holds no prompt (one per line)")

@@ -305,7 +305,7 @@ CASES = [
         "is a directory"),
     row("sample-prompt-file-blank", ["sample", "--checkpoint", "{model}", "--prompt-file", "{blank-prompts}"],
         "holds no prompt"),
-    row("sample-tokenizer-not-utf8", [*SAMPLE, "--tokenizer", "{bad-utf8-txt}"], "is not UTF-8 text (byte 8"),
+    row("sample-tokenizer-not-utf8", [*SAMPLE, "--tokenizer", "{bad-utf8-txt}"], "is not UTF-8 text (byte 0xff at offset 8)"),
     row("sample-config-not-utf8", ["sample", "--checkpoint", "{no-config}", "--config", "{bad-utf8-yaml}", "--prompt", "a"],
         "is not UTF-8 text"),
     row("sample-weights-corrupt", ["sample", "--checkpoint", "{corrupt}", "--prompt", "the"],

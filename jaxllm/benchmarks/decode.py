@@ -106,7 +106,7 @@ def prompt_ids(args, cfg) -> np.ndarray | None:
     if args.prompt_text is None:
         return None
     from jaxllm.errors import ConfigError, DataError
-    from jaxllm.sample import read_text
+    from jaxllm.files import read_text
     from jaxllm.train.tokenizer import load_tokenizer
 
     if args.run is None:

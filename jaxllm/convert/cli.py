@@ -139,7 +139,7 @@ def write_torch(dst: Path, model) -> None:
 
     if dst.suffix == ".safetensors":
         save_safetensors(dst, model, config=to_dict(model.cfg))
-    elif dst.suffix in (".pt", ".pth"):
+    else:  # .pt / .pth (main refuses other suffixes before the source is read)
         import torch
 
         state_dict = {k: torch.from_numpy(v) for k, v in to_state_dict(model).items()}
@@ -148,8 +148,6 @@ def write_torch(dst: Path, model) -> None:
                 torch.save(state_dict, tmp)
             except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) so
                 raise OSError(f"torch.save failed: {str(e).splitlines()[0]}") from None
-    else:
-        raise ConversionError(f"--to torch: destination {str(dst)!r} must end in .pt, .pth or .safetensors")
 
 
 # ---------------------------------------------------------------------------------------------

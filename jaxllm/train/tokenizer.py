@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from jaxllm.files import atomic_write
+from jaxllm.files import atomic_write, read_text
 from jaxllm.errors import DataError
 
 UNK = "\ufffd"  # the replacement character stands in for every character outside the vocabulary
@@ -93,15 +93,9 @@ Tokenizer = CharTokenizer | HFTokenizer
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Our char JSON or any Hugging Face tokenizer.json."""
-    path = Path(path)
+    text = read_text(path, "tokenizer file", "a tokenizer.json")
     try:
-        text = path.read_text(encoding="utf-8")
         data = json.loads(text)
-    except FileNotFoundError:
-        raise DataError(f"tokenizer file {str(path)!r} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"tokenizer file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); give a "
-                        f"tokenizer.json") from None
     except json.JSONDecodeError as e:
         raise DataError(f"tokenizer file {str(path)!r} is not JSON: {e}") from None
     if isinstance(data, dict) and data.get("type") == "char":
