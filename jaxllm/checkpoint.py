@@ -145,16 +145,16 @@ class Checkpointer:
             ))
         return restored.state
 
-    def restore_model(self, step: int, abstract_model_state):
-        """Only the model's variables (subtree MODEL of `state`), read straight into arrays of the
-        shapes, dtypes and shardings of `abstract_model_state` (jax.ShapeDtypeStruct leaves). The
-        optimizer's arrays are never read."""
-        target = {MODEL: abstract_model_state}
+    def restore_model(self, step: int, abstract_model_state, key: int = MODEL):
+        """Only the model's variables (subtree `key` of `state`: MODEL, or a TRM run's EMA copy), read
+        straight into arrays of the shapes, dtypes and shardings of `abstract_model_state`
+        (jax.ShapeDtypeStruct leaves). The optimizer's arrays are never read."""
+        target = {key: abstract_model_state}
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         with self._read_errors(step, "model"):
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
-        state = restored.state[MODEL]
+        state = restored.state[key]
         # A partial restore leaves what the checkpoint lacks as it was given: abstract.
         missing = [_dotted(path) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
                    if isinstance(leaf, jax.ShapeDtypeStruct)]

@@ -21,6 +21,7 @@ COMMANDS = {
     "convert": ("jaxllm.convert.cli", "convert weights: SRC DST --to jaxllm|torch|hf|gguf"),
     "bench": ("jaxllm.benchmarks", "benchmarks: train, moe, recursion, decode"),
     "sample": ("jaxllm.sample", "generate text: --run DIR | --checkpoint PATH, --prompt/--prompt-file/--interactive"),
+    "puzzles": ("jaxllm.tasks.cli", "make a puzzle dataset: --task maze --size 6 --out FILE"),
 }
 
 

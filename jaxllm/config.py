@@ -147,6 +147,31 @@ class RecursionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TRMConfig:
+    """The Tiny Recursive Model (papers.md §2.1-2.3), a puzzle solver, not a language model: when
+    enabled the model is `jaxllm.model.trm.TRM`, trained with deep supervision on a puzzle file
+    (train.data) through the same scripts/train.py. Its core is model.n_layer post-norm blocks
+    (parameter-free RMSNorm, non-causal attention or the sequence MLP, model.mlp's SwiGLU) of
+    model.d_model; model.vocab_size and model.max_seq_len are set from the puzzle file.
+
+    One supervision step is one deep recursion: h_cycles (T) cycles of l_cycles (n) latent updates
+    z = core(x + y + z) and one answer update y = core(y + z), the first T - 1 cycles without
+    gradient; (y, z) are carried, detached, to the next step. At most n_sup steps per puzzle; in
+    training the halting head stops a puzzle early when its logit is > 0.
+    """
+    enabled: bool = False
+    mode: Literal["recursive", "plain"] = "recursive"  # plain: the core once on the input (the baseline)
+    h_cycles: int = 3  # T
+    l_cycles: int = 6  # n
+    n_sup: int = 16  # supervision steps per puzzle (the official halt_max_steps)
+    mixer: Literal["attention", "mlp"] = "attention"  # mlp: TRM-MLP, a SwiGLU over the sequence axis
+    n_prefix: int = 1  # learned positions before the puzzle (one puzzle kind's embedding); q_head reads the first
+    halt_exploration: float = 0.1  # training: the probability of a drawn minimum number of steps
+    ema_decay: float | None = 0.999  # an EMA of the weights, used for evaluation (null: none)
+    stablemax: bool = False  # stablemax cross-entropy (s(x) = x + 1 for x >= 0, 1 / (1 - x) below)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 256
     d_model: int = 384
@@ -159,6 +184,7 @@ class ModelConfig:
     moe: MoEConfig = MoEConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     recursion: RecursionConfig = RecursionConfig()
+    trm: TRMConfig = TRMConfig()
     tie_embeddings: bool = True
     lm_head_bias: bool = False
     dropout: float = 0.0  # on embeddings and on each sublayer output before the residual add
@@ -197,6 +223,9 @@ class TrainConfig:
     bpe_vocab_size: int = 4096
     # optimisation
     max_steps: int = 1000
+    # stop earlier, with a checkpoint, once this process has trained this many minutes (checked at
+    # every log step; for runs compared at equal wall time); None: no limit
+    max_minutes: float | None = None
     grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
     optimizer: Literal["adamw", "lion"] = "adamw"
     lr: float = 1e-3  # peak learning rate, after linear warmup; cosine decay to min_lr at max_steps
@@ -434,9 +463,14 @@ def _validate_train(t: TrainConfig, model: ModelConfig) -> None:
         _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
     _check(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
            f"a divisor of train.batch_size ({t.batch_size})")
+    if model.trm.enabled:
+        _check(t.grad_accum == 1, "train.grad_accum", t.grad_accum,
+               "1 when model.trm.enabled (TRM trains one supervision step per update)")
     _check(0.0 < t.val_fraction < 1.0, "train.val_fraction", t.val_fraction, "in (0, 1)")
     _check(t.tokenizer in ("char", "bpe") or t.tokenizer.endswith(".json"), "train.tokenizer", t.tokenizer,
            "'char', 'bpe' or a path to a tokenizer.json")
+    if t.max_minutes is not None:
+        _check(t.max_minutes > 0, "train.max_minutes", t.max_minutes, "> 0 (or null for no limit)")
     _check(t.lr > 0, "train.lr", t.lr, "> 0")
     _check(0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"in [0, train.lr ({t.lr})]")
     _check(0 <= t.warmup_steps < t.max_steps, "train.warmup_steps", t.warmup_steps,
@@ -530,6 +564,8 @@ def _validate_model(m: ModelConfig) -> None:
         _validate_diffusion(m.diffusion, m)
     if m.recursion.mode != "none":
         _validate_recursion(m.recursion, m)
+    if m.trm.enabled:
+        _validate_trm(m.trm, m)
     _validate_scan_layers(m)
 
 
@@ -553,6 +589,34 @@ def _validate_recursion(r: RecursionConfig, m: ModelConfig) -> None:
                f"1..n_loops ({r.n_loops}), or null for all")
     _check(r.n_latent_steps >= 1, p + "n_latent_steps", r.n_latent_steps, "an integer >= 1")
     _check(m.layerdrop == 0.0, "model.layerdrop", m.layerdrop, "0 when model.recursion is on (loops never skip layers)")
+
+
+def _validate_trm(t: TRMConfig, m: ModelConfig) -> None:
+    p = "model.trm."
+    for name in ("h_cycles", "l_cycles", "n_sup"):
+        _check(getattr(t, name) >= 1, p + name, getattr(t, name), "an integer >= 1")
+    _check(t.n_prefix >= 0, p + "n_prefix", t.n_prefix, "an integer >= 0")
+    _check(0.0 <= t.halt_exploration <= 1.0, p + "halt_exploration", t.halt_exploration, "a probability in [0, 1]")
+    if t.ema_decay is not None:
+        _check(0.0 < t.ema_decay < 1.0, p + "ema_decay", t.ema_decay, "in (0, 1), or null for no EMA")
+    if t.mode == "plain":
+        _check(t.n_sup == 1, p + "n_sup", t.n_sup, "1 when model.trm.mode is 'plain' (one pass, nothing carried)")
+    for field, on, allowed in (
+            ("model.recursion.mode", m.recursion.mode != "none", "'none' (TRM has its own recursion)"),
+            ("model.diffusion.enabled", m.diffusion.enabled, "false"),
+            ("model.moe.n_routed_experts", m.moe.n_routed_experts, "0"),
+            ("model.attention.kind", m.attention.kind != "mha", "'mha'"),
+            ("model.attention.window", m.attention.window is not None, "null (TRM attention sees every position)"),
+            ("model.rezero", m.rezero, "false (TRM blocks are post-norm)"),
+            ("model.layerdrop", m.layerdrop, "0"),
+            ("model.scan_layers", m.scan_layers, "false")):
+        _check(not on, field, getattr_dotted(m, field.removeprefix("model.")), f"{allowed} when model.trm.enabled")
+
+
+def getattr_dotted(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _validate_mla(mla: MLAConfig, position: PositionConfig) -> None:

@@ -117,6 +117,20 @@ def test_resume_after_step_k_reproduces_the_uninterrupted_run_bit_for_bit(corpus
     assert records[0] == records[1] and len(records[0]) == 6
 
 
+def test_max_minutes_stops_at_the_first_log_step_past_the_limit_with_a_checkpoint(corpus, tmp_path):
+    # 1e-6 minutes is over by the end of the first step: the run stops at the first log step (2),
+    # saves there although checkpoint_every is far off, and says why
+    cfg = cfg_for(corpus, "train.max_steps=50", "train.eval_every=100", "train.checkpoint_every=100",
+                  "train.log_every=2", "train.max_minutes=1e-6")
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result["step"] == 2 and result["stopped_by"] == "train.max_minutes"
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+    resumed = train(load_config(ROOT / "configs/tiny-gpt.yaml", [*SMALL, f"train.data={corpus}", "train.max_steps=4",
+                                                                 "train.eval_every=100", "train.checkpoint_every=100",
+                                                                 "train.log_every=2"]), tmp_path / "run", progress=False)
+    assert resumed["step"] == 4 and "stopped_by" not in resumed
+
+
 FINISHED = ["train.max_steps=8", "train.eval_every=4", "train.log_every=2", "train.checkpoint_every=4", "train.lr=3e-3"]
 
 
@@ -284,6 +298,7 @@ def assert_one_line_error(code, err, *needles):
     (["train.optimizer=sgd"], ["train.optimizer", "'adamw' | 'lion'"]),
     (["train.grad_accum=3"], ["train.grad_accum=3", "divisor of train.batch_size"]),
     (["train.mesh=data:3"], ["train.mesh='data:3'", "8"]),
+    (["train.max_minutes=0"], ["train.max_minutes=0", "> 0 (or null"]),
 ])
 def test_config_mistakes_are_one_line_errors_that_write_nothing(overrides, needles, corpus, tmp_path, capsys):
     code, _, err = cli(["--config", str(ROOT / "configs/tiny-gpt.yaml"), "--run-dir", str(tmp_path / "run"),

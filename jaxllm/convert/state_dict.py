@@ -32,6 +32,8 @@ LINEAR_IN_DIMS = {
     "router": 1, "noise_proj": 1, "shared_mlp_gate": 1,
     # RecursiveBlock: the concat-injection adapter Linear(2D -> D)
     "adapter": 1,
+    # TRM's halting head Linear(D -> 1) (its sequence mixer mlp_t reuses the MLP names)
+    "q_head": 1,
 }
 # Stacked routed-expert weights `...experts.<name>`: jaxllm [E, in, out], torch_ref [E, out, in].
 EXPERTS = "experts"

@@ -90,3 +90,24 @@ def tidar_losses(model, tokens: jax.Array, targets: jax.Array,
     loss = (lambda x, y: chunked_cross_entropy(model.head, x, y, chunk)) if chunk else cross_entropy  # noqa: E731
     ar, diffusion = loss(clean, targets), loss(masked, tokens)
     return (alpha * ar + diffusion) / (1 + alpha), ar, diffusion
+
+
+def log_stablemax(logits: jax.Array, axis: int = -1) -> jax.Array:
+    """log(s(x) / sum s(x)) with s(x) = x + 1 for x >= 0 and 1 / (1 - x) below (TRM's stablemax,
+    `models/losses.py`; the official code computes it in float64, this in float32)."""
+    x = logits.astype(jnp.float32)
+    s = jnp.where(x >= 0, x + 1, 1 / (1 - jnp.minimum(x, 0.0)))
+    return jnp.log(s) - jnp.log(jnp.sum(s, axis=axis, keepdims=True))
+
+
+def trm_loss(logits: jax.Array, q_halt: jax.Array, labels: jax.Array,
+             stablemax: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """TRM's loss of one supervision step (official `ACTLossHead` without the continue loss): per
+    puzzle the mean cross-entropy over its cells plus 0.5 * BCE(q_halt, answer exactly correct),
+    averaged over the batch. logits [B, L, V], q_halt [B], labels [B, L]. Returns (loss,
+    (cross-entropy, exactly correct [B] bool))."""
+    log_probs = log_stablemax(logits) if stablemax else jax.nn.log_softmax(logits.astype(jnp.float32))
+    ce = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0].mean(-1)  # [B]
+    correct = jnp.all(jnp.argmax(logits, -1) == labels, axis=-1)
+    halt = optax.sigmoid_binary_cross_entropy(q_halt, correct.astype(jnp.float32))
+    return jnp.mean(ce + 0.5 * halt), (ce.mean(), correct)

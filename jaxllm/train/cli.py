@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jaxllm.cli import ArgumentParser
 from jaxllm.config import TrainConfig, type_name
+from jaxllm.errors import ConfigError
 
 
 def _train_fields_help() -> str:
@@ -64,12 +65,18 @@ def main(argv: list[str]) -> int:
     from jaxllm.train.loop import sample_from_run, train
 
     run_dir = Path(args.run_dir or Path("runs") / (Path(args.config).stem if args.config else "default"))
+    if args.sample is not None and cfg.model.trm.enabled:
+        raise ConfigError("--sample: a TRM (model.trm.enabled) solves puzzles and has no text to sample; "
+                          "evaluate it with `jaxllm bench trm --run-dir DIR`")
     if args.sample is not None:
         t = cfg.train
         step, text = sample_from_run(run_dir, args.sample, t.sample_tokens, t.sample_temperature, t.seed)
         print(f"--- sample from {run_dir} at step {step} ---\n{text}")
         return 0
-    last = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    run_class = None
+    if cfg.model.trm.enabled:
+        from jaxllm.train.trm import TRMRun as run_class
+    last = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress, run_class=run_class)
     if last.get("stopped_by"):
         print(f"stopped by {last['stopped_by']} at step {last['step']}: checkpoint "
               f"{str(run_dir / 'checkpoints' / str(last['step']))!r} saved; run the same command to continue")

@@ -240,26 +240,31 @@ def sample_from_run(run_dir: Path, prompt: str, n_tokens: int, temperature: floa
 
 
 def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, run_class: type["Run"] | None = None) -> dict:
     """Train (or continue) the run in `run_dir`; returns the last metrics, with "stopped_by" (the
     signal's name) when SIGINT / SIGTERM stopped it. `stop_after` ends the process early at that
-    step (after its checkpoint), as an interruption would."""
-    run = Run(cfg, Path(run_dir), resume=resume)  # (a signal while setting up exits at once: nothing to save)
+    step (after its checkpoint), as an interruption would. `run_class`: a subclass of `Run` for
+    another kind of model (TRM: jaxllm.train.trm.TRMRun)."""
+    run = (run_class or Run)(cfg, Path(run_dir), resume=resume)  # (a signal while setting up exits at once: nothing to save)
     t = run.cfg.train
     last: dict = {}
     with graceful_stop() as stop:
         try:
             run.restore()
             run.open_outputs(progress)
-            while run.step < t.max_steps and not stop.signal:
+            started = time.perf_counter()
+            out_of_time = False
+            while run.step < t.max_steps and not stop.signal and not out_of_time:
                 grad_norm = run.train_step()
                 record = run.train_record(grad_norm) if run.due(t.log_every) else {}
+                if t.max_minutes is not None and run.due(t.log_every):
+                    out_of_time = run.agree(time.perf_counter() - started >= 60 * t.max_minutes)
                 if run.due(t.eval_every):
                     record = {**record, **run.evaluate()}
                 run.write(record)
                 if t.sample_every and run.step % t.sample_every == 0:
                     run.sample()
-                if run.due(t.checkpoint_every) or run.step == stop_after or stop.signal:
+                if run.due(t.checkpoint_every) or run.step == stop_after or stop.signal or out_of_time:
                     run.save(record.get("val_loss"))
                 last = {**last, **record}
                 if run.step == stop_after:
@@ -267,7 +272,8 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = 
             run.finish()
         finally:
             run.close()
-    return {**last, "step": run.step, **({"stopped_by": stop.name} if stop.signal else {})}
+    return {**last, "step": run.step, **({"stopped_by": stop.name} if stop.signal else {}),
+            **({"stopped_by": "train.max_minutes"} if out_of_time and not stop.signal else {})}
 
 
 class GracefulStop:
@@ -306,8 +312,10 @@ def stages(cfg: Config) -> list:
 
 @dataclasses.dataclass
 class Window:
-    """The steps since the last log line: their micro-batch losses (device arrays), tokens, start time."""
+    """The steps since the last log line: their micro-batch losses (device arrays), tokens, start
+    time, and any other per-step device metrics a kind of run logs (TRM: jaxllm.train.trm)."""
     losses: list = dataclasses.field(default_factory=list)
+    metrics: list = dataclasses.field(default_factory=list)
     tokens: int = 0
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -332,17 +340,16 @@ class Run:
                 raise DataError(f"train.batch_size / train.grad_accum = {micro} sequences must divide by the "
                                 f"data x fsdp mesh size ({batch_divisor(self.mesh)}) and the process count "
                                 f"({jax.process_count()})")
-        check_run_dir(cfg, run_dir)
+        self.check(cfg)
         self.lock = FileLock(run_dir / "train.lock")
         created = self.is_main and not run_dir.exists()  # (other hosts never remove a shared directory)
         try:
             if self.is_main:
                 self._lock()
-            self.cfg, self.tokenizer, tokens = _prepare_on_main_first(cfg, run_dir, self.is_main)
+            self.cfg = self.prepare(cfg)
             self.t = self.cfg.train
-            self.train_tokens, self.val_tokens = data_lib.split(tokens, self.t.val_fraction)
             with jax.set_mesh(self.mesh):
-                self.trainer = Trainer(self.cfg, self.mesh)
+                self.trainer = self.make_trainer()
             self.checkpointer = Checkpointer(run_dir / "checkpoints", self.t.keep_checkpoints,
                                              fallback="move {path} out of the way to resume from step {step}")
         except BaseException:
@@ -357,6 +364,23 @@ class Run:
         self.window = Window()
         self.pending_skips = None  # (step, device array [in a row, in all]) of the last step, read one step late
         self.skipped = 0
+
+    def check(self, cfg: Config) -> None:
+        """The checks of the run directory and data that read only (`check_run_dir`)."""
+        check_run_dir(cfg, self.run_dir)
+
+    def prepare(self, cfg: Config) -> Config:
+        """The run directory's tokenizer and tokens (made once); returns the config with vocab_size set."""
+        cfg, self.tokenizer, tokens = _prepare_on_main_first(cfg, self.run_dir, self.is_main)
+        self.train_tokens, self.val_tokens = data_lib.split(tokens, cfg.train.val_fraction)
+        return cfg
+
+    def make_trainer(self) -> "Trainer":
+        return Trainer(self.cfg, self.mesh)
+
+    def describe(self) -> str:
+        """What the run trains on, for its first line."""
+        return f"vocab {self.cfg.model.vocab_size}, {len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens"
 
     def _lock(self) -> None:
         """Create the run directory and take its lock, or refuse in one line while another trainer holds it."""
@@ -393,14 +417,24 @@ class Run:
             atomic_write(self.run_dir / "config.yaml", to_yaml(self.cfg))
             self.wandb = Wandb(self.t.wandb, self.t.wandb_project, self.run_dir, to_dict(self.cfg))
             n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(self.trainer.state[0], nnx.Param)))
-            print(f"{n_params / 1e6:.2f}M parameters, vocab {self.cfg.model.vocab_size}, {len(self.train_tokens):,} "
-                  f"train / {len(self.val_tokens):,} val tokens, mesh {dict(self.mesh.shape)}, run dir {self.run_dir}")
+            print(f"{n_params / 1e6:.2f}M parameters, {self.describe()}, mesh {dict(self.mesh.shape)}, "
+                  f"run dir {self.run_dir}")
         self.bar = _progress(self.step, self.t.max_steps, progress and self.is_main)
         self.window = Window()
 
     def due(self, every: int) -> bool:
         """Whether a job done every `every` steps (and at the last step) is due now."""
         return self.step % every == 0 or self.step == self.t.max_steps
+
+    @staticmethod
+    def agree(flag: bool) -> bool:
+        """`flag` as the main process sees it, on every process (a clock-based decision must be
+        the same everywhere, or the processes' collectives would part ways)."""
+        if jax.process_count() == 1:
+            return flag
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
     def train_step(self) -> jax.Array:
         """One optimizer update from train.grad_accum micro-batches; returns its gradient's norm.
