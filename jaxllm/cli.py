@@ -19,7 +19,7 @@ COMMANDS = {
     "verify": ("jaxllm.verify", "parameter counts and a forward/backward check of every preset"),
     "train": ("jaxllm.train.cli", "train a model: --config configs/X.yaml key=value ..."),
     "convert": ("jaxllm.convert.cli", "convert weights: SRC DST --to jaxllm|torch|hf|gguf"),
-    "bench": ("jaxllm.benchmarks", "benchmarks: train, moe, recursion, decode"),
+    "bench": ("jaxllm.benchmarks", "benchmarks: train, moe, recursion, decode, trm"),
     "sample": ("jaxllm.sample", "generate text: --run DIR | --checkpoint PATH, --prompt/--prompt-file/--interactive"),
     "puzzles": ("jaxllm.tasks.cli", "make a puzzle dataset: --task maze --size 6 --out FILE"),
 }

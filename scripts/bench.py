@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmarks: `python scripts/bench.py train|moe|recursion|decode [options]`. See `--help` of each section."""
+"""Benchmarks: `python scripts/bench.py train|moe|recursion|decode|trm [options]`. See `--help` of each section."""
 import sys
 
 from jaxllm.cli import exit_with, run
