@@ -33,7 +33,7 @@ def test_dotted_overrides_with_yaml_typed_values(tmp_path):
     # (a dense LM preset: trm-maze, the last file, refuses attention windows)
     cfg = load_config(Path(__file__).parents[1] / "configs/tiny-gpt.yaml",
                       ["model.n_layer=4", "model.attention.window=16", "model.norm.eps=1e-6",
-                                   "model.tie_embeddings=false", "model.position.kind=rope"])
+                       "model.tie_embeddings=false", "model.position.kind=rope"])
     m = cfg.model
     assert (m.n_layer, m.attention.window, m.norm.eps, m.tie_embeddings, m.position.kind) == (4, 16, 1e-6, False, "rope")
     assert isinstance(m.norm.eps, float)
