@@ -446,13 +446,18 @@ class Run:
                 self.trainer.state, self.trainer.put(next(self.data_iter)))
             self.window.losses.append(loss)
         self.window.tokens += stage.batch_size * stage.seq_len
+        self._count_step(skips)
+        return grad_norm
+
+    def _count_step(self, skips: jax.Array) -> None:
+        """After an update: advance the step, then the checks that cost no device wait (a failed
+        background checkpoint write, and the previous step's count of skipped updates)."""
         self.step += 1
         self.bar.update(1)
         self.checkpointer.check()
         previous, self.pending_skips = self.pending_skips, (self.step, skips)
         if previous is not None:
             self._check_skips(*previous)
-        return grad_norm
 
     def _check_skips(self, step: int, skips: jax.Array) -> None:
         """Report updates skipped up to `step`; stop the run after train.max_nonfinite_steps in a row."""

@@ -233,12 +233,7 @@ class TRMRun(loop.Run):
             self.trainer.state, self.trainer.put(next(self.data_iter)))
         self.window.losses.append(loss)
         self.window.metrics.append(metrics)
-        self.step += 1
-        self.bar.update(1)
-        self.checkpointer.check()
-        previous, self.pending_skips = self.pending_skips, (self.step, skips)
-        if previous is not None:
-            self._check_skips(*previous)
+        self._count_step(skips)
         return grad_norm
 
     def train_record(self, grad_norm: jax.Array) -> dict:
