@@ -21,6 +21,7 @@ COMMANDS = {
     "convert": ("jaxllm.convert.cli", "convert weights: SRC DST --to jaxllm|torch|hf|gguf"),
     "bench": ("jaxllm.benchmarks", "benchmarks: train, moe, recursion, decode, trm"),
     "sample": ("jaxllm.sample", "generate text: --run DIR | --checkpoint PATH, --prompt/--prompt-file/--interactive"),
+    "serve": ("jaxllm.serve.cli", "an OpenAI-compatible HTTP server: --run DIR | --checkpoint FILE | --hf DIR"),
     "puzzles": ("jaxllm.tasks.cli", "make a puzzle dataset: --task maze --size 6 --out FILE"),
 }
 

@@ -176,6 +176,19 @@ class Transformer(nnx.Module):
         step = jnp.zeros((batch,) if per_row else (), jnp.int32)
         return DecodeCache(tuple(layers), jnp.full((batch, size), -1, jnp.int32), step, True)
 
+    def insert_cache(self, cache: DecodeCache, row: DecodeCache, slot: jax.Array) -> DecodeCache:
+        """`cache` (a per-row cache, `init_cache(..., per_row=True)`) with batch row `slot` replaced
+        by `row`, a one-row cache of the same size (a prefill's): a server's sequence slot taking a
+        new request. Buffers, slot positions and committed length all come from `row`."""
+        def put(buf, new, axis):  # batch on `axis`: 1 for a looped core's stacked buffers
+            return jax.lax.dynamic_update_index_in_dim(buf, jax.lax.index_in_dim(new, 0, axis, keepdims=False),
+                                                       slot, axis)
+
+        layers = tuple(tuple(put(b, n, 1 if self._in_core(i) else 0) for b, n in zip(bufs, new))
+                       for i, (bufs, new) in enumerate(zip(cache.layers, row.layers)))
+        step = jnp.broadcast_to(row.step, (1,))
+        return DecodeCache(layers, put(cache.positions, row.positions, 0), put(cache.step, step, 0), False)
+
     def _in_core(self, i: int) -> bool:
         r = self.cfg.recursion
         return self.recursion is not None and r.n_prelude <= i < r.n_prelude + r.n_core

@@ -1,0 +1,116 @@
+"""The serving engine in process (no HTTP): continuous batching gives each request what `generate`
+gives it alone, for every cache kind (GQA, a sliding window's rolling buffer, MLA's latent cache,
+a looped core's per-call caches); requests join and leave without recompiling; a full queue is
+refused; and the HTTP layer answers 429 for it."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+from flax import nnx
+from starlette.testclient import TestClient
+
+from jaxllm.config import config_from_dict
+from jaxllm.decode import GREEDY, Sampling, bucket, generate
+from jaxllm.model import Transformer
+from jaxllm.serve import engine as engine_module
+from jaxllm.serve.app import make_app
+from jaxllm.serve.engine import Engine, EngineFull, Params, wait_for
+from jaxllm.train.tokenizer import CharTokenizer
+
+TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,\n")
+PROMPTS = ["the cat", "a", "once upon a time there", "xyz, abc", "hello world", "it is", "b c d e f g h i j k l m n o"]
+
+
+def model_for(**fields) -> Transformer:
+    base = dict(vocab_size=TOKENIZER.vocab_size, d_model=32, n_layer=2, max_seq_len=64, position=dict(kind="rope"),
+                attention=dict(n_head=4, n_kv_head=2), init_std=0.3)
+    return Transformer(config_from_dict({"model": {**base, **fields}}).model, rngs=nnx.Rngs(0))
+
+
+KINDS = {
+    "gqa": {},
+    "window": dict(attention=dict(n_head=4, n_kv_head=2, window=8)),
+    "mla": dict(attention=dict(kind="mla", n_head=4, mla=dict(variant="deepseek", kv_lora_rank=16, q_lora_rank=16,
+                                                               qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8))),
+    "recursion": dict(n_layer=4, recursion=dict(mode="loop", n_prelude=1, n_core=2, n_loops=2)),
+    "learned positions": dict(position=dict(kind="learned"), attention=dict(n_head=4)),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_concurrent_requests_decode_as_they_would_alone(kind):
+    model = model_for(**KINDS[kind])
+    engine = Engine(model, TOKENIZER, slots=3).start()
+    try:
+        results, errors = {}, []
+        jobs = [(p, 6 + 2 * i, GREEDY if i % 2 else Sampling(temperature=0.8, top_k=12), i)  # one decode bucket
+                for i, p in enumerate(PROMPTS[:5])]
+
+        def ask(i, prompt, n, sampling, seed):
+            try:
+                results[i] = wait_for(engine, TOKENIZER.encode(prompt).tolist(), Params(n, sampling, seed=seed))[0]
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors, errors
+        for i, (prompt, n, sampling, seed) in enumerate(jobs):
+            alone = generate(model, [TOKENIZER.encode(prompt).tolist()], max_new_tokens=n, sampling=sampling, seed=seed)[0]
+            assert results[i]["text"] == TOKENIZER.decode(alone), (kind, prompt)
+            assert results[i]["finish"] == "length"
+    finally:
+        engine.stop()
+
+
+def test_requests_join_and_leave_without_recompiling_the_step():
+    model = model_for()
+    engine = Engine(model, TOKENIZER, slots=2)
+    engine.warm_up()
+    engine.start()
+    try:
+        step_compiles = engine_module._step._cache_size()
+        lengths = set()
+        for i, prompt in enumerate(PROMPTS):
+            wait_for(engine, TOKENIZER.encode(prompt).tolist(), Params(3 + i, GREEDY))
+            lengths.add(bucket(len(prompt)))
+        assert engine_module._step._cache_size() == step_compiles  # one step for every request mix
+        assert engine.steps > 0
+    finally:
+        engine.stop()
+    assert lengths == {16, 32}
+
+
+def test_eos_ends_a_sequence_and_the_context_bounds_it():
+    model = model_for()
+    ids = TOKENIZER.encode("the cat").tolist()
+    greedy = generate(model, [ids], max_new_tokens=12, sampling=GREEDY)[0]
+    engine = Engine(model, TOKENIZER, slots=2, eos_id=greedy[5]).start()
+    try:
+        out = wait_for(engine, ids, Params(12, GREEDY))[0]
+        assert out["finish"] == "stop" and out["text"] == TOKENIZER.decode(greedy[:greedy.index(greedy[5])])
+        out = wait_for(engine, ids, Params(12, GREEDY, ignore_eos=True))[0]
+        assert out["text"] == TOKENIZER.decode(greedy)
+        long = TOKENIZER.encode("a" * 60).tolist()  # 4 positions left in a context of 64
+        out = wait_for(engine, long, Params(100, GREEDY, ignore_eos=True))[0]
+        assert out["finish"] == "length" and len(out["tokens"]) == 4
+    finally:
+        engine.stop()
+
+
+def test_a_full_queue_is_refused_and_the_server_answers_429():
+    model = model_for()
+    engine = Engine(model, TOKENIZER, slots=1, max_waiting=2)  # not started: nothing leaves the queue
+    engine.submit([1, 2], Params(4, GREEDY, n=2), lambda event: None)
+    with pytest.raises(EngineFull, match="busy"):
+        engine.submit([1, 2], Params(4, GREEDY), lambda event: None)
+    client = TestClient(make_app(engine, "tiny"))
+    for stream in (False, True):
+        response = client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "stream": stream})
+        assert response.status_code == 429
+        assert response.json()["error"]["type"] == "rate_limit_error"
+    assert client.get("/health").json()["waiting"] == 2
