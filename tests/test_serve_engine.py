@@ -38,10 +38,12 @@ KINDS = {
 }
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_concurrent_requests_decode_as_they_would_alone(kind):
+@pytest.mark.parametrize("kind,steps", [(kind, 1) for kind in KINDS] + [("gqa", 3)])
+def test_concurrent_requests_decode_as_they_would_alone(kind, steps):
+    """Each request's tokens equal `generate`'s for it alone; with several steps per engine call,
+    sequences that end inside a call drop the tokens drawn after their end."""
     model = model_for(**KINDS[kind])
-    engine = Engine(model, TOKENIZER, slots=3).start()
+    engine = Engine(model, TOKENIZER, slots=3, steps_per_call=steps).start()
     try:
         results, errors = {}, []
         jobs = [(p, 6 + 2 * i, GREEDY if i % 2 else Sampling(temperature=0.8, top_k=12), i)  # one decode bucket

@@ -4,7 +4,8 @@ Sections: `train` (the training loop's own step, `Trainer.train_step`, beside to
 config and machine), `moe` (grouped vs dense expert dispatch), `recursion` (peak memory of the
 looped core against the loop count, with and without remat) and `decode` (KV-cache generation:
 jaxllm, torch_ref and Hugging Face generate, ms/token and tokens/s) and `trm` (a trained TRM run's exact-puzzle accuracy on its held-out
-puzzles against test-time depth and with the halting head, beside a baseline run). Each takes `--config` and
+puzzles against test-time depth and with the halting head, beside a baseline run) and `serve` (the
+HTTP server's throughput and latency at 1, 4 and 16 concurrent clients against sequential `generate`). Each takes `--config` and
 key=value overrides, before or after the options. Record results in BENCHMARKS.md with device,
 versions, date and the exact command. Timing lives here, never in a test's assertion.
 
@@ -17,7 +18,7 @@ import sys
 
 SECTIONS = {"train": "jaxllm.benchmarks.train", "moe": "jaxllm.benchmarks.moe",
             "recursion": "jaxllm.benchmarks.recursion", "decode": "jaxllm.benchmarks.decode",
-            "trm": "jaxllm.benchmarks.trm"}
+            "trm": "jaxllm.benchmarks.trm", "serve": "jaxllm.benchmarks.serve"}
 
 
 def main(argv: list[str]) -> int:

@@ -37,6 +37,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
     p.add_argument("--slots", type=positive_int, default=4,
                    help="sequences decoded together, one KV-cache row each (default: 4)")
+    p.add_argument("--steps-per-call", type=positive_int, default=4,
+                   help="decode steps per device call: more is less host overhead per token, and new requests "
+                        "join at most this many steps later (default: 4)")
     p.add_argument("--max-waiting", type=positive_int, default=256,
                    help="sequences that may wait for a slot; more get 429 (default: 256)")
     p.add_argument("--model-name", default=None, help="the model id clients name (default: the source's name)")
@@ -86,7 +89,8 @@ def main(argv: list[str]) -> int:
     from jaxllm.serve.app import make_app
     from jaxllm.serve.engine import Engine
 
-    engine = Engine(model, tokenizer, slots=args.slots, eos_id=eos_id, max_waiting=args.max_waiting)
+    engine = Engine(model, tokenizer, slots=args.slots, eos_id=eos_id, max_waiting=args.max_waiting,
+                    steps_per_call=args.steps_per_call)
     engine.warm_up()
     engine.start()
     model_name = args.model_name or name

@@ -87,11 +87,9 @@ def _insert(graphdef, state, slots: Slots, row: DecodeCache, logits, slot, posit
                  {name: put(slots.sampling[name], value) for name, value in sampling.items()})
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "k"), donate_argnames=("slots",))
-def _step(graphdef, state, slots: Slots, *, k: int):
-    """One token for every slot, then one cached forward of them all: (slots, tokens [N], their
-    log-probabilities [N], the top k [N, K] ids and log-probabilities)."""
-    model = nnx.merge(graphdef, state)
+def _one_step(model, slots: Slots, k: int):
+    """One token for every slot, then one cached forward of them all: (slots, (tokens [N], their
+    log-probabilities [N], the top k [N, K] ids and log-probabilities))."""
     logits = never_sampled(model.cfg, slots.logits)
     keys = jax.vmap(jax.random.fold_in)(slots.key, slots.t)
     draw = lambda l, seen, s, key: next_token(l[None], seen[None], s, key)[0]  # noqa: E731  (row b as a batch of one)
@@ -100,7 +98,15 @@ def _step(graphdef, state, slots: Slots, *, k: int):
     out, cache = model(tokens[:, None], slots.position[:, None], cache=slots.cache, last_only=True)
     seen = slots.seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
     slots = Slots(cache, out[:, 0], slots.position + 1, seen, slots.key, slots.t + 1, slots.sampling)
-    return slots, tokens, chosen, top_ids, top_lp
+    return slots, (tokens, chosen, top_ids, top_lp)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "k", "n"), donate_argnames=("slots",))
+def _step(graphdef, state, slots: Slots, *, k: int, n: int = 1):
+    """`n` decode steps in one call (a `lax.scan`; the host sees their tokens together): (slots,
+    tokens [n, N], log-probabilities [n, N], top k ids and log-probabilities [n, N, K])."""
+    model = nnx.merge(graphdef, state)
+    return jax.lax.scan(lambda s, _: _one_step(model, s, k), slots, length=n)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "k"))
@@ -187,12 +193,14 @@ class Engine:
     """Continuous batching of a jaxllm model over `slots` sequence slots (see the module docstring).
     `max_waiting` sequences may wait for a slot; `submit` refuses more (EngineFull)."""
 
-    def __init__(self, model, tokenizer, *, slots: int = 4, eos_id: int | None = None, max_waiting: int = 256):
+    def __init__(self, model, tokenizer, *, slots: int = 4, eos_id: int | None = None, max_waiting: int = 256,
+                 steps_per_call: int = 1):
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         self.eos_id = eos_id
         self.n_slots = slots
         self.max_waiting = max_waiting
+        self.steps_per_call = steps_per_call
         self.size = self.cfg.max_seq_len
         self.k = min(TOP_LOGPROBS, self.cfg.vocab_size)
         self.graphdef, self.state = nnx.split(model.for_inference())
@@ -247,7 +255,7 @@ class Engine:
         logits, row = _prefill(self.graphdef, self.state, jnp.zeros((1, min(bucket(1), self.size)), jnp.int32),
                                jnp.ones((1,), jnp.int32), size=self.size)
         self.slots = self._insert(slot, row, logits, 1, [0], Sampling(), 0)
-        self.slots, *_ = _step(self.graphdef, self.state, self.slots, k=self.k)
+        self.slots, _ = _step(self.graphdef, self.state, self.slots, k=self.k, n=self.steps_per_call)
         jax.block_until_ready(self.slots.logits)
 
     # -- the engine thread ---------------------------------------------------------------------
@@ -345,23 +353,27 @@ class Engine:
         return [(self._token_text(int(i)), float(lp)) for i, lp in zip(ids[:want], lps[:want])]
 
     def _decode_step(self) -> None:
-        self.slots, tokens, chosen, top_ids, top_lp = _step(self.graphdef, self.state, self.slots, k=self.k)
-        self.steps += 1
-        tokens, chosen, top_ids, top_lp = map(np.asarray, (tokens, chosen, top_ids, top_lp))
+        """`steps_per_call` decode steps; then each slot's tokens, in order, until its sequence ends
+        (the tokens a finished sequence drew after its end are dropped with its slot)."""
+        self.slots, out = _step(self.graphdef, self.state, self.slots, k=self.k, n=self.steps_per_call)
+        self.steps += self.steps_per_call
+        tokens, chosen, top_ids, top_lp = map(np.asarray, out)
         for slot, seq in enumerate(self.active):
-            if seq is None:
-                continue
-            if seq.job.cancelled:
-                self.active[slot] = None
-                continue
-            want = seq.job.params.logprobs
-            info = TokenInfo(int(tokens[slot]), "", float(chosen[slot]),
-                             [] if want is None else self._top(top_ids[slot], top_lp[slot], want))
-            if self._advance(seq, info):
-                self.active[slot] = None
+            for j in range(self.steps_per_call):
+                if seq is None:
+                    break
+                if seq.job.cancelled:
+                    self.active[slot] = None
+                    break
+                want = seq.job.params.logprobs
+                info = TokenInfo(int(tokens[j, slot]), "", float(chosen[j, slot]),
+                                 [] if want is None else self._top(top_ids[j, slot], top_lp[j, slot], want))
+                if self._advance(seq, info, flush=j == self.steps_per_call - 1):
+                    self.active[slot] = None
+                    break
 
-    def _advance(self, seq: Sequence, info: TokenInfo) -> bool:
-        """Add one token to a sequence and send what is ready; True when it has finished."""
+    def _advance(self, seq: Sequence, info: TokenInfo, flush: bool = True) -> bool:
+        """Add one token to a sequence and (`flush`) send what is ready; True when it has finished."""
         job, params = seq.job, seq.job.params
         token = info.id
         if token == self.eos_id and not params.ignore_eos:
@@ -381,7 +393,7 @@ class Engine:
         if len(seq.ids) >= params.max_tokens or full:
             self._send(seq, text, finish="length")
             return True
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        if not flush or text.endswith("\ufffd"):  # later, or an incomplete UTF-8 sequence: wait
             return False
         self._send(seq, text[:len(text) - _partial_stop(text, params.stop)])
         return False
