@@ -204,6 +204,11 @@ class Plan:
     cached: bool
     padded: bool  # prompts of different lengths (left padding)
     block: int | None  # TiDAR's draft length, None: plain decoding
+    cache_size: int | None = None  # time steps the cache holds; None: the prompt bucket + capacity (a server
+    # fixes it, so that every slot's cache has one shape)
+
+    def cache_steps(self, prompt_width: int) -> int:
+        return prompt_width + self.capacity if self.cache_size is None else self.cache_size
 
 
 @jax.tree_util.register_dataclass
@@ -291,7 +296,7 @@ def prefill(model, req: Request, plan: Plan) -> LoopState:
         context = jnp.concatenate([req.prompts, jnp.zeros((b, plan.capacity), jnp.int32)], axis=1)
         state = _empty_state(model, req, plan, None, None, context)
         return dataclasses.replace(state, logits=recompute_logits(model, req, plan, context, jnp.int32(0)))
-    cache = model.init_cache(b, p + plan.capacity)
+    cache = model.init_cache(b, plan.cache_steps(p))
     logits, cache = model(req.prompts, req.positions(p), cache=cache, last_only=True)
     return _empty_state(model, req, plan, logits[:, 0], cache, None)
 
@@ -341,6 +346,9 @@ def _mask_id(cfg) -> int:
     return mask_token_id(cfg)
 
 
+PREFILL_KEY = 2**31 - 1
+
+
 def tidar_prefill(model, req: Request, plan: Plan) -> LoopState:
     """The prompt plus one block of B mask tokens at the positions after it (they see the whole
     prompt and each other); only the prompt is written to the cache. The first token d_0 is
@@ -351,12 +359,14 @@ def tidar_prefill(model, req: Request, plan: Plan) -> LoopState:
     tokens = jnp.concatenate([req.prompts, jnp.full((b, block), _mask_id(cfg), jnp.int32)], axis=1)
     positions = jnp.concatenate([req.positions(p), req.lengths[:, None] + jnp.arange(block)], axis=1)
     groups = jnp.concatenate([jnp.zeros(p, jnp.int32), jnp.ones(block, jnp.int32)])[None]
-    cache = model.init_cache(b, p + plan.capacity, slack=block, per_row=True)
+    cache = model.init_cache(b, plan.cache_steps(p), slack=block, per_row=True)
     logits, cache = model(tokens, positions, groups=groups, cache=cache, write=p)
     drafts = logits[:, p:]  # [B, block, V]
     state = _empty_state(model, req, plan, None, cache, None)
     mixed = req.beta * logits[:, p - 1] + (1 - req.beta) * drafts[:, 0]
-    d0 = next_token(never_sampled(cfg, mixed), state.seen, req.sampling, jax.random.fold_in(req.key, plan.capacity))  # steps use 0..capacity-1
+    # the steps draw with fold_in(key, t), t < capacity: d_0's key is one no step uses, whatever the
+    # capacity (so a server's slot, whose capacity is its context, draws as `generate` does)
+    d0 = next_token(never_sampled(cfg, mixed), state.seen, req.sampling, jax.random.fold_in(req.key, PREFILL_KEY))
     draft = jnp.concatenate([d0[:, None], jnp.argmax(never_sampled(cfg, drafts[:, 1:]), axis=-1)], axis=1)
     state = emit(state, req, d0[:, None], jnp.ones_like(d0))
     return dataclasses.replace(state, draft=draft.astype(jnp.int32))

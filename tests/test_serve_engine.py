@@ -11,7 +11,7 @@ from flax import nnx
 from starlette.testclient import TestClient
 
 from jaxllm.config import config_from_dict
-from jaxllm.decode import GREEDY, Sampling, bucket, generate
+from jaxllm.decode import GREEDY, Sampling, TiDAR, bucket, generate
 from jaxllm.model import Transformer
 from jaxllm.serve import engine as engine_module
 from jaxllm.serve.app import make_app
@@ -116,3 +116,66 @@ def test_a_full_queue_is_refused_and_the_server_answers_429():
         assert response.status_code == 429
         assert response.json()["error"]["type"] == "rate_limit_error"
     assert client.get("/health").json()["waiting"] == 2
+
+
+@pytest.fixture(scope="module")
+def tidar_model():
+    fields = dict(vocab_size=TOKENIZER.vocab_size + 1, d_model=32, n_layer=2, max_seq_len=64, position=dict(kind="rope"),
+                  attention=dict(n_head=4), init_std=0.3, diffusion=dict(enabled=True, block_size=4))
+    model = Transformer(config_from_dict({"model": fields}).model, rngs=nnx.Rngs(0))
+    model.eval()
+    return model
+
+
+def test_tidar_self_speculation_serves_what_generate_decodes(tidar_model):
+    """With beta 1, greedy self-speculative serving gives exactly the AR model's greedy tokens; a
+    sampled request gives what `generate(speculative=...)` draws with the same seed; several
+    requests share the slots; and the engine counts more than one token per forward."""
+    model = tidar_model
+    engine = Engine(model, TOKENIZER, slots=2, steps_per_call=2, speculative=TiDAR(4, 1.0)).start()
+    try:
+        results, errors = {}, []
+        jobs = [(p, 6 + 3 * i) for i, p in enumerate(PROMPTS[:4])]
+
+        def ask(i, prompt, n):
+            try:
+                results[i] = wait_for(engine, TOKENIZER.encode(prompt).tolist(), Params(n, GREEDY))[0]
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors, errors
+        for i, (prompt, n) in enumerate(jobs):
+            alone = generate(model, [TOKENIZER.encode(prompt).tolist()], max_new_tokens=n, sampling=GREEDY)[0]
+            assert results[i]["text"] == TOKENIZER.decode(alone) and results[i]["finish"] == "length"
+        sampling = Sampling(temperature=0.9)
+        ids = TOKENIZER.encode("the cat").tolist()
+        drawn = wait_for(engine, ids, Params(12, sampling, seed=5))[0]["text"]
+        expected = generate(model, [ids], max_new_tokens=12, sampling=sampling, seed=5, speculative=TiDAR(4, 1.0))[0]
+        assert drawn == TOKENIZER.decode(expected)
+        assert engine.tokens_per_forward >= 1.0 and engine.forwards > 0
+    finally:
+        engine.stop()
+
+
+def test_a_tidar_server_refuses_generated_logprobs_but_scores_prompts(tidar_model):
+    engine = Engine(tidar_model, TOKENIZER, slots=1, speculative=TiDAR(4, 1.0)).start()
+    try:
+        client = TestClient(make_app(engine, "tidar"))
+        response = client.post("/v1/completions", json={"model": "tidar", "prompt": "the cat", "logprobs": 1})
+        assert response.status_code == 400 and "--speculative tidar" in response.json()["error"]["message"]
+        scored = client.post("/v1/completions", json={"model": "tidar", "prompt": "the cat", "logprobs": 1,
+                                                      "max_tokens": 0, "echo": True}).json()
+        assert scored["choices"][0]["logprobs"]["token_logprobs"][0] is None
+        assert len(scored["choices"][0]["logprobs"]["token_logprobs"]) == 7
+        out = client.post("/v1/completions", json={"model": "tidar", "prompt": "the cat", "max_tokens": 9,
+                                                   "temperature": 0}).json()
+        alone = generate(tidar_model, [TOKENIZER.encode("the cat").tolist()], max_new_tokens=9, sampling=GREEDY)[0]
+        assert out["choices"][0]["text"] == TOKENIZER.decode(alone)
+        assert client.get("/health").json()["tokens_per_forward"] >= 1.0
+    finally:
+        engine.stop()

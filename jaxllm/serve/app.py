@@ -79,6 +79,11 @@ class Server:
                              f"prompt may have at most {limit - 1}", "prompt")
         return ids
 
+    def check_logprobs(self, wanted: bool, max_tokens: int) -> None:
+        if wanted and max_tokens > 0 and self.engine.speculative is not None:
+            raise BadRequest("logprobs of generated tokens are not available from a server decoding with "
+                             "--speculative tidar; to score a prompt, ask with max_tokens 0 and echo", "logprobs")
+
     def max_tokens(self, requested: int | None, prompt: list[int]) -> int:
         """max_tokens, or the rest of the context when not given; generation also ends at the context."""
         room = self.cfg.max_seq_len - len(prompt)
@@ -125,6 +130,7 @@ class Server:
         for i, prompt in enumerate(req.prompts()):
             ids = self.tokens(prompt, i)
             jobs.append((ids, req.params(self.max_tokens(req.max_tokens, ids))))
+            self.check_logprobs(req.logprobs is not None, jobs[-1][1].max_tokens)
         rid, created = api.new_id("cmpl"), api.now()
 
         def chunk(choices, usage=None):
@@ -162,6 +168,7 @@ class Server:
         req = await self.body(request, ChatRequest)
         ids = self.tokens(api.chat_prompt(req.messages))
         jobs = [(ids, req.params(self.max_tokens(req.requested_tokens, ids), (api.CHAT_STOP,)))]
+        self.check_logprobs(req.logprobs, jobs[0][1].max_tokens)
         rid, created = api.new_id("chatcmpl"), api.now()
 
         def chunk(choices, usage=None):
@@ -228,8 +235,11 @@ class Server:
     async def health(self, request: Request):
         if self.engine.error is not None:
             return JSONResponse({"status": "error", "error": str(self.engine.error)}, status_code=503)
-        return JSONResponse({"status": "ok", "slots": self.engine.n_slots, "busy": self.engine.busy_slots,
-                             "waiting": self.engine.waiting.qsize()})
+        body = {"status": "ok", "slots": self.engine.n_slots, "busy": self.engine.busy_slots,
+                "waiting": self.engine.waiting.qsize()}
+        if self.engine.speculative is not None:
+            body["tokens_per_forward"] = self.engine.tokens_per_forward
+        return JSONResponse(body)
 
 
 def first_error(e: ValidationError) -> BadRequest:

@@ -40,6 +40,12 @@ def parser() -> ArgumentParser:
     p.add_argument("--steps-per-call", type=positive_int, default=4,
                    help="decode steps per device call: more is less host overhead per token, and new requests "
                         "join at most this many steps later (default: 4)")
+    p.add_argument("--speculative", choices=["tidar"], default=None,
+                   help="self-speculative decoding with a TiDAR model's diffusion drafts (default: off)")
+    p.add_argument("--block", type=positive_int, default=None,
+                   help="with --speculative: tokens drafted per forward (default: the model's diffusion.block_size)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="with --speculative: trust in the AR logits over the drafts' (default: 1, the AR model's tokens)")
     p.add_argument("--max-waiting", type=positive_int, default=256,
                    help="sequences that may wait for a slot; more get 429 (default: 256)")
     p.add_argument("--model-name", default=None, help="the model id clients name (default: the source's name)")
@@ -84,18 +90,24 @@ def main(argv: list[str]) -> int:
     model, tokenizer, eos_id, name = load(args)
     if eos_id is not None and not 0 <= eos_id < model.cfg.vocab_size:
         raise DataError(f"--eos-id is {eos_id}; allowed: 0..{model.cfg.vocab_size - 1}")
+    from jaxllm.sample import speculative_settings
+
+    args.no_cache = False
+    block, beta = speculative_settings(args, model.cfg)  # one-line errors for misuse
     import uvicorn
 
+    from jaxllm.decode import TiDAR
     from jaxllm.serve.app import make_app
     from jaxllm.serve.engine import Engine
 
     engine = Engine(model, tokenizer, slots=args.slots, eos_id=eos_id, max_waiting=args.max_waiting,
-                    steps_per_call=args.steps_per_call)
+                    steps_per_call=args.steps_per_call, speculative=None if block is None else TiDAR(block, beta))
     engine.warm_up()
     engine.start()
     model_name = args.model_name or name
+    spec = "" if block is None else f", TiDAR self-speculation (block {block}, beta {beta})"
     print(f"jaxllm serve: {model_name!r} ({model.cfg.n_layer} layers, width {model.cfg.d_model}, context "
-          f"{model.cfg.max_seq_len}), {args.slots} slots, on http://{args.host}:{args.port}/v1", file=sys.stderr,
+          f"{model.cfg.max_seq_len}), {args.slots} slots{spec}, on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
     stopped_by: list[str] = []
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again for the

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.decode import Sampling, bucket, never_sampled, next_token
+from jaxllm.decode import (LoopState, Plan, Request, Sampling, TiDAR, bucket, never_sampled, next_token, tidar_prefill,
+                           tidar_step)
 from jaxllm.model.attention import DecodeCache
 
 TOP_LOGPROBS = 20  # the most alternatives a request may ask for (OpenAI's chat limit)
@@ -119,6 +120,37 @@ def _score(graphdef, state, tokens: jax.Array, *, k: int):
     return chosen, top_ids, top_lp
 
 
+# TiDAR self-speculation: every slot is a one-row `jaxllm.decode` loop (LoopState and Request of
+# batch 1), stacked on a leading slot axis; a step is `tidar_step` vmapped over the slots, so the
+# slots' forwards run as one batch and each slot keeps its own sampling settings, key and length.
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _tidar_prefill(graphdef, state, req: Request, *, plan: Plan) -> LoopState:
+    return tidar_prefill(nnx.merge(graphdef, state), req, plan)
+
+
+@functools.partial(jax.jit, donate_argnames=("loops", "reqs"))
+def _tidar_insert(loops: LoopState, reqs: Request, loop: LoopState, req: Request, slot):
+    put = lambda stacked, one: stacked.at[slot].set(one)  # noqa: E731
+    return jax.tree.map(put, loops, loop), jax.tree.map(put, reqs, req)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "n"), donate_argnames=("loops",))
+def _tidar_steps(graphdef, state, loops: LoopState, reqs: Request, *, plan: Plan, n: int):
+    """`n` TiDAR forwards of every slot: (loops, the tokens each slot emitted at each [n, N, block]
+    (the first `count` of them), count [n, N])."""
+    model = nnx.merge(graphdef, state)
+
+    def forward(loops, _):
+        before = loops.count[:, 0]
+        loops = jax.vmap(lambda loop, req: tidar_step(model, req, plan, loop))(loops, reqs)
+        emitted = jax.vmap(lambda out, c: jax.lax.dynamic_slice_in_dim(out[0], c, plan.block))(loops.out, before)
+        return loops, (emitted, loops.count[:, 0] - before)
+
+    return jax.lax.scan(forward, loops, length=n)
+
+
 # ---------------------------------------------------------------------------------------------
 # Requests and their events
 
@@ -194,7 +226,7 @@ class Engine:
     `max_waiting` sequences may wait for a slot; `submit` refuses more (EngineFull)."""
 
     def __init__(self, model, tokenizer, *, slots: int = 4, eos_id: int | None = None, max_waiting: int = 256,
-                 steps_per_call: int = 1):
+                 steps_per_call: int = 1, speculative: TiDAR | None = None):
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         self.eos_id = eos_id
@@ -208,9 +240,17 @@ class Engine:
         v = self.cfg.vocab_size
         sampling = {name: jnp.broadcast_to(value, (slots,)) for name, value in Sampling().arrays().items()}
         cache = model.init_cache(slots, self.size, per_row=True)
-        self.slots = Slots(dataclasses.replace(cache, prefill=False), jnp.zeros((slots, v), jnp.float32),
-                           jnp.zeros((slots,), jnp.int32), jnp.zeros((slots, v), bool),
-                           jax.random.split(jax.random.key(0), slots), jnp.zeros((slots,), jnp.int32), sampling)
+        self.speculative = None if speculative is None else speculative.validate(self.cfg)
+        self.forwards = self.emitted = 0  # slot-forwards run and tokens they emitted (tokens per forward)
+        if self.speculative is None:
+            self.slots = Slots(dataclasses.replace(cache, prefill=False), jnp.zeros((slots, v), jnp.float32),
+                               jnp.zeros((slots,), jnp.int32), jnp.zeros((slots, v), bool),
+                               jax.random.split(jax.random.key(0), slots), jnp.zeros((slots,), jnp.int32), sampling)
+        else:  # a one-row loop per slot, stacked: a dummy prefill gives every field its shape
+            block = self.speculative.block
+            self.plan = Plan(capacity=self.size + block, cached=True, padded=True, block=block, cache_size=self.size)
+            loop, req = self._tidar_prefill([0], Params(1, Sampling()), 0)
+            self.loops, self.reqs = (jax.tree.map(lambda x: jnp.stack([x] * slots), tree) for tree in (loop, req))
         self.active: list[Sequence | None] = [None] * slots
         self.waiting: queue.Queue[Sequence] = queue.Queue()
         self._lock = threading.Lock()
@@ -251,6 +291,11 @@ class Engine:
         """Compile the step and the smallest prompt bucket's prefill before the first request."""
         slot = self.active.index(None) if None in self.active else None
         if slot is None:
+            return
+        if self.speculative is not None:
+            self.loops, _ = _tidar_steps(self.graphdef, self.state, self.loops, self.reqs, plan=self.plan,
+                                         n=self.steps_per_call)
+            jax.block_until_ready(self.loops.count)
             return
         logits, row = _prefill(self.graphdef, self.state, jnp.zeros((1, min(bucket(1), self.size)), jnp.int32),
                                jnp.ones((1,), jnp.int32), size=self.size)
@@ -311,6 +356,14 @@ class Engine:
             return
         slot = self.active.index(None)
         prompt = job.prompt
+        if self.speculative is not None:
+            loop, req = self._tidar_prefill(prompt, params, seq.seed)
+            self.loops, self.reqs = _tidar_insert(self.loops, self.reqs, loop, req, jnp.int32(slot))
+            self.active[slot] = seq
+            first = int(np.asarray(loop.out)[0, 0])  # d_0, drawn by the prefill
+            if self._advance(seq, TokenInfo(first, "", None, [])):
+                self.active[slot] = None
+            return
         p = min(bucket(len(prompt)), self.size)
         padded = np.zeros((1, p), np.int32)
         padded[0, p - len(prompt):] = prompt
@@ -318,6 +371,19 @@ class Engine:
                                size=self.size)
         self.slots = self._insert(slot, row, logits, len(prompt), prompt, params.sampling, seq.seed)
         self.active[slot] = seq
+
+    def _tidar_prefill(self, prompt: list[int], params: Params, seed: int) -> tuple[LoopState, Request]:
+        """A one-row TiDAR loop after its prefill, and its request (the prompt itself dropped: the
+        stacked requests need one shape, and the steps do not read it)."""
+        p = min(bucket(len(prompt)), self.size)
+        padded = np.zeros((1, p), np.int32)
+        padded[0, p - len(prompt):] = prompt
+        eos = -1 if self.eos_id is None or params.ignore_eos else self.eos_id
+        req = Request(jnp.asarray(padded), jnp.asarray([len(prompt)], jnp.int32), jnp.int32(params.max_tokens),
+                      params.sampling.arrays(), jnp.int32(eos), jnp.full((0, 1), -1, jnp.int32), jax.random.key(seed),
+                      jnp.float32(self.speculative.beta))
+        loop = _tidar_prefill(self.graphdef, self.state, req, plan=self.plan)
+        return loop, dataclasses.replace(req, prompts=jnp.zeros((1, 1), jnp.int32))
 
     def _insert(self, slot, row, logits, position, prompt, sampling: Sampling, seed: int) -> Slots:
         seen = np.zeros(self.cfg.vocab_size, bool)
@@ -355,6 +421,8 @@ class Engine:
     def _decode_step(self) -> None:
         """`steps_per_call` decode steps; then each slot's tokens, in order, until its sequence ends
         (the tokens a finished sequence drew after its end are dropped with its slot)."""
+        if self.speculative is not None:
+            return self._tidar_step()
         self.slots, out = _step(self.graphdef, self.state, self.slots, k=self.k, n=self.steps_per_call)
         self.steps += self.steps_per_call
         tokens, chosen, top_ids, top_lp = map(np.asarray, out)
@@ -371,6 +439,31 @@ class Engine:
                 if self._advance(seq, info, flush=j == self.steps_per_call - 1):
                     self.active[slot] = None
                     break
+
+    def _tidar_step(self) -> None:
+        self.loops, (emitted, counts) = _tidar_steps(self.graphdef, self.state, self.loops, self.reqs, plan=self.plan,
+                                                     n=self.steps_per_call)
+        self.steps += self.steps_per_call
+        emitted, counts = np.asarray(emitted), np.asarray(counts)
+        for slot, seq in enumerate(self.active):
+            if seq is not None and seq.job.cancelled:
+                self.active[slot] = None
+                continue
+            if seq is None:
+                continue
+            live = counts[:, slot] > 0  # forwards after the row ended on the device emit nothing
+            self.forwards += int(live.sum())
+            tokens = [int(t) for j in range(self.steps_per_call) for t in emitted[j, slot, :counts[j, slot]]]
+            self.emitted += len(tokens)
+            for i, token in enumerate(tokens):
+                if self._advance(seq, TokenInfo(token, "", None, []), flush=i == len(tokens) - 1):
+                    self.active[slot] = None
+                    break
+
+    @property
+    def tokens_per_forward(self) -> float | None:
+        """TiDAR: tokens emitted per slot-forward so far (1 without speculation)."""
+        return self.emitted / self.forwards if self.forwards else None
 
     def _advance(self, seq: Sequence, info: TokenInfo, flush: bool = True) -> bool:
         """Add one token to a sequence and (`flush`) send what is ready; True when it has finished."""
