@@ -109,6 +109,17 @@ def exit_with(code: int) -> None:
     os._exit(code)
 
 
+CONFIG_SECTIONS = ("model.", "train.")
+
+
+def config_overrides(argv: list[str]) -> list[str]:
+    """argv with `--train.batch_size=32`-style overrides (seed 000's configurator) written as the
+    `train.batch_size=32` every command takes: an option naming a config field, `--section.key=value`,
+    becomes the plain override. No command has an option that starts with a config section."""
+    return [arg[2:] if arg.startswith("--") and arg[2:].startswith(CONFIG_SECTIONS) and "=" in arg else arg
+            for arg in argv]
+
+
 def run(command: str, argv: list[str]) -> int:
     """Run one command's `main(argv)`, turning user errors and OS errors (a path under a file, a
     read-only directory, a full disk) into one line and exit code 2, and Ctrl-C / SIGTERM into one
@@ -120,7 +131,7 @@ def run(command: str, argv: list[str]) -> int:
         logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         with signal_handler(exit_now):
-            return importlib.import_module(COMMANDS[command][0]).main(argv) or 0
+            return importlib.import_module(COMMANDS[command][0]).main(config_overrides(argv)) or 0
     except USER_ERRORS as e:
         if debug:
             raise

@@ -123,3 +123,21 @@ def test_seed004_is_exactly_973_12m():
 
 def test_deepseek_v2_lite_shape_is_15_7b():
     assert round(count_params(load_config(ROOT / "configs/deepseek-v2-lite-shape.yaml").model) / 1e9, 1) == 15.7
+
+
+def test_dashed_config_overrides_work_like_plain_ones(capsys):
+    """`--train.batch_size=32` (seed 000's configurator) is `train.batch_size=32`, in every command."""
+    from jaxllm.cli import config_overrides, main
+
+    assert config_overrides(["--config", "x.yaml", "--train.batch_size=32", "--model.attention.n_head=2",
+                             "--run-dir=r", "--trainer=1", "model.n_layer=1"]) == \
+        ["--config", "x.yaml", "train.batch_size=32", "model.attention.n_head=2", "--run-dir=r", "--trainer=1",
+         "model.n_layer=1"]
+    outputs = []
+    for args in (["model.n_layer=1"], ["--model.n_layer=1"], []):
+        assert main(["verify", "configs/tiny-gpt.yaml", *args]) == 0
+        outputs.append(capsys.readouterr().out.rsplit(",", 1)[0])  # without the time taken
+    assert outputs[0] == outputs[1] != outputs[2]
+    code = main(["train", "--config", "configs/tiny-gpt.yaml", "--train.batch_size=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.batch_size" in err and len(err.strip().splitlines()) == 1

@@ -281,3 +281,21 @@ def test_bad_chat_requests_and_unknown_routes(served):
 def test_openai_client_sees_errors_as_bad_request(served, client):
     with pytest.raises(openai.BadRequestError, match="context is 64 tokens"):
         client.completions.create(model="tiny", prompt="a" * 100, max_tokens=1)
+
+
+def test_cli_misuse_is_one_line_and_exit_2(served, capsys):
+    base, _, _, path = served
+    port = base.rsplit(":", 1)[1]
+    cases = [(["--checkpoint", str(path), "--port", port], "cannot listen on 127.0.0.1:" + port),
+             (["--checkpoint", str(path), "--port", str(free_port()), "--block", "4"], "only applies with --speculative"),
+             (["--checkpoint", str(path), "--port", str(free_port()), "--speculative", "tidar"], "no diffusion head"),
+             (["--checkpoint", str(path.parent / "missing.safetensors"), "--port", str(free_port())], "missing.safetensors"),
+             (["--run", str(path.parent), "--port", str(free_port())], "not a run directory"),
+             (["--checkpoint", str(path), "--slots", "0"], "--slots")]
+    for args, message in cases:
+        try:
+            code = jaxllm_main(["serve", *args])
+        except SystemExit as e:  # argparse's own one-line errors
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)

@@ -82,10 +82,22 @@ def load(args):
     return loaded.model, loaded.tokenizer, eos_of(loaded.tokenizer, args.eos_id), name
 
 
+def check_address(host: str, port: int) -> None:
+    """A one-line error when the server could not listen on host:port (taken, or not an address here)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise DataError(f"cannot listen on {host}:{port}: {e.strerror or e}; give a free --port or another --host") from None
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from jaxllm.platform import select_platform
 
+    check_address(args.host, args.port)  # before the model is loaded: a taken port fails at once
     select_platform(args.platform)
     model, tokenizer, eos_id, name = load(args)
     if eos_id is not None and not 0 <= eos_id < model.cfg.vocab_size:
