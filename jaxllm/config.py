@@ -196,6 +196,11 @@ class ModelConfig:
     # MoE or recursion
     scan_layers: bool = False
     init_std: float = 0.02
+    # how weights are drawn: 'normal' N(0, init_std^2) everywhere; 'xavier_uniform' U(+-sqrt(6 / (fan_in +
+    # fan_out))) for every projection (attention, MLP, experts, untied head; embeddings and routers stay
+    # normal); 'scaled' GPT-2's: normal, with the residual output projections (o_proj, down_proj) at
+    # init_std / sqrt(2 n_layer)
+    init: Literal["normal", "xavier_uniform", "scaled"] = "normal"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -609,7 +614,8 @@ def _validate_trm(t: TRMConfig, m: ModelConfig) -> None:
             ("model.attention.window", m.attention.window is not None, "null (TRM attention sees every position)"),
             ("model.rezero", m.rezero, "false (TRM blocks are post-norm)"),
             ("model.layerdrop", m.layerdrop, "0"),
-            ("model.scan_layers", m.scan_layers, "false")):
+            ("model.scan_layers", m.scan_layers, "false"),
+            ("model.init", m.init != "normal", "'normal' (TRM draws every weight at init_std)")):
         _check(not on, field, getattr_dotted(m, field.removeprefix("model.")), f"{allowed} when model.trm.enabled")
 
 

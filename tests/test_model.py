@@ -1,4 +1,6 @@
 """Unit tests of the JAX model's options: masks, ReZero, LayerDrop, dropout, remat, dtypes."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,3 +151,51 @@ def test_every_parameter_has_logical_axes_of_its_rank():
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = var.get_metadata()["axes"]
         assert len(axes) == var[...].ndim and set(axes) <= allowed, (path, axes)
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    from flax import nnx as _nnx
+
+    return {".".join(map(str, path)): np.asarray(v[...]) for path, v in _nnx.iter_graph(model)
+            if isinstance(v, _nnx.Param)}
+
+
+@pytest.mark.parametrize("scheme", ["normal", "xavier_uniform", "scaled"])
+def test_init_schemes_draw_the_documented_statistics(scheme):
+    """model.init: the standard deviation (and for xavier the bound) of every drawn weight kind,
+    against the formula written out here; embeddings and routers stay N(0, init_std^2)."""
+    from flax import nnx as _nnx
+
+    from jaxllm.config import config_from_dict
+
+    std, d, f, v, n_layer, heads, head_dim, experts, ef = 0.02, 256, 768, 1024, 4, 4, 64, 4, 128
+    cfg = config_from_dict({"model": dict(
+        vocab_size=v, d_model=d, n_layer=n_layer, max_seq_len=32, tie_embeddings=False, init=scheme,
+        init_std=std, position=dict(kind="rope"), attention=dict(n_head=heads, n_kv_head=2),
+        mlp=dict(kind="swiglu", d_ff=f),
+        moe=dict(n_routed_experts=experts, num_experts_per_tok=2, moe_intermediate_size=ef, first_k_dense=2))}).model
+    w = _weights(Transformer(cfg, rngs=_nnx.Rngs(0)))
+
+    def expected(kind: str, fan_in: int, fan_out: int, residual: bool) -> tuple[float, float | None]:
+        """(std, bound) of a projection under the scheme."""
+        if scheme == "xavier_uniform":
+            a = math.sqrt(6 / (fan_in + fan_out))
+            return a / math.sqrt(3), a
+        return (std / math.sqrt(2 * n_layer) if scheme == "scaled" and residual else std), None
+
+    kinds = {  # a suffix of the weight's path -> (fan_in, fan_out, residual)
+        "attn.q_proj.weight": (d, heads * head_dim, False), "attn.k_proj.weight": (d, 2 * head_dim, False),
+        "attn.o_proj.weight": (heads * head_dim, d, True), "mlp.gate_proj.weight": (d, f, False),
+        "mlp.down_proj.weight": (f, d, True), "experts.up_proj": (d, ef, False), "experts.down_proj": (ef, d, True),
+        "lm_head.weight": (d, v, False)}
+    for suffix, (fan_in, fan_out, residual) in kinds.items():
+        values = np.concatenate([x.ravel() for k, x in w.items() if k.endswith(suffix)])
+        assert values.size, suffix
+        s, bound = expected(suffix, fan_in, fan_out, residual)
+        assert abs(values.std() / s - 1) < 0.05, (suffix, values.std(), s)
+        assert abs(values.mean()) < 0.05 * s
+        if bound is not None:
+            assert np.abs(values).max() <= bound and np.abs(values).max() > 0.99 * bound, suffix
+    for suffix in ("embed_tokens.weight", "router.weight"):
+        values = np.concatenate([x.ravel() for k, x in w.items() if k.endswith(suffix)])
+        assert abs(values.std() / std - 1) < 0.05, suffix

@@ -6,6 +6,8 @@ mesh axes through one table; no layer ever writes a PartitionSpec.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -62,12 +64,52 @@ class Einsum(nnx.Module):
         self.weight = param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), std=std, dtype=param_dtype)
         self.bias = param(None, out_shape, out_axes, "zeros", dtype=param_dtype) if bias else None
         self.dtype = dtype
+        self.n_in = len(in_shape)  # the weight's leading input dims (its fan-in, for init schemes)
 
     def __call__(self, spec: str, x: jax.Array) -> jax.Array:
         y = project(spec, x.astype(self.dtype), self.weight[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")  # the projections that write into the residual stream
+
+
+def apply_init_scheme(model: nnx.Module, scheme: str, n_layer: int, rngs: nnx.Rngs) -> None:
+    """Redraw a freshly built model's weights by `scheme` (ModelConfig.init; 'normal' leaves them).
+
+    'xavier_uniform': every projection weight W with fan_in (the product of its input dims) and
+    fan_out becomes U(-a, a), a = sqrt(6 / (fan_in + fan_out)): each `Einsum` but the MoE routers,
+    each expert's matrices (per expert: [E, in, out]) and an untied head. 'scaled' (GPT-2): the
+    residual output projections (attention and MLP `o_proj` / `down_proj`, dense or experts) are
+    multiplied by 1 / sqrt(2 n_layer), i.e. drawn at init_std / sqrt(2 n_layer)."""
+    if scheme == "normal":
+        return
+    for path, node in list(nnx.iter_graph(model)):
+        if not isinstance(node, nnx.Param) or len(path) < 2 or node[...].ndim < 2:
+            continue
+        owner, name = path[-2], path[-1]
+        parent = model
+        for part in path[:-1]:
+            parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+        if isinstance(parent, Einsum):
+            if owner == "router" or name != "weight":
+                continue
+            n_in, shape, residual = parent.n_in, node[...].shape, owner in RESIDUAL_OUTPUTS
+            fan_in, fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+        elif type(parent).__name__ == "RoutedExperts":  # [E, in, out] per expert
+            fan_in, fan_out, residual = node[...].shape[1], node[...].shape[2], name in RESIDUAL_OUTPUTS
+        elif type(parent).__name__ == "LMHead":
+            (fan_in, fan_out), residual = node[...].shape, False
+        else:  # embeddings, norms, biases: as drawn
+            continue
+        value = node[...]
+        if scheme == "xavier_uniform":
+            a = math.sqrt(6.0 / (fan_in + fan_out))
+            node[...] = jax.random.uniform(rngs.params(), value.shape, value.dtype, -a, a)
+        elif residual:
+            node[...] = value / math.sqrt(2 * n_layer)
 
 
 class AuxLoss(nnx.Intermediate):
