@@ -240,6 +240,10 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 0.1  # decoupled; never on norms and biases
     decay_embeddings: bool = False  # also decay the token / position tables
+    # fine-tuning: glob patterns over the parameter paths (e.g. 'layers.*.mlp.*', 'lm_head'; a pattern
+    # also matches every path under it) that train; the rest are frozen (no gradient, no optimizer
+    # state, never updated). None: everything trains
+    trainable: tuple[str, ...] | None = None
     grad_clip: float | None = 1.0  # global-norm clipping (None: off)
     # tokens per piece of the chunked cross-entropy (the [B, T, V] float32 logits never whole);
     # 0: one piece; None: 2048 when the vocabulary has >= 16384 entries, else one piece
@@ -471,6 +475,10 @@ def _validate_train(t: TrainConfig, model: ModelConfig) -> None:
     if model.trm.enabled:
         _check(t.grad_accum == 1, "train.grad_accum", t.grad_accum,
                "1 when model.trm.enabled (TRM trains one supervision step per update)")
+        _check(t.trainable is None, "train.trainable", t.trainable, "null when model.trm.enabled (TRM trains all)")
+    if t.trainable is not None:
+        _check(len(t.trainable) > 0 and all(isinstance(p, str) and p for p in t.trainable), "train.trainable",
+               t.trainable, "a non-empty list of glob patterns over parameter paths, or null")
     _check(0.0 < t.val_fraction < 1.0, "train.val_fraction", t.val_fraction, "in (0, 1)")
     _check(t.tokenizer in ("char", "bpe") or t.tokenizer.endswith(".json"), "train.tokenizer", t.tokenizer,
            "'char', 'bpe' or a path to a tokenizer.json")

@@ -299,6 +299,9 @@ def assert_one_line_error(code, err, *needles):
     (["train.grad_accum=3"], ["train.grad_accum=3", "divisor of train.batch_size"]),
     (["train.mesh=data:3"], ["train.mesh='data:3'", "8"]),
     (["train.max_minutes=0"], ["train.max_minutes=0", "> 0 (or null"]),
+    (["train.trainable=[final_norm, 'layer.*']"], ["train.trainable pattern 'layer.*' matches no parameter",
+                                                  "layers.0."]),
+    (["train.trainable=[]"], ["train.trainable", "non-empty list of glob patterns"]),
 ])
 def test_config_mistakes_are_one_line_errors_that_write_nothing(overrides, needles, corpus, tmp_path, capsys):
     code, _, err = cli(["--config", str(ROOT / "configs/tiny-gpt.yaml"), "--run-dir", str(tmp_path / "run"),
@@ -445,3 +448,27 @@ def test_a_checkpoint_that_lacks_part_of_the_model_is_a_one_line_error(finished_
     with pytest.raises(DataError, match=r"lacks the model's lm_head_bias \(1 missing in all\)") as error:
         load_model(run_dir)
     assert "\n" not in str(error.value)
+
+
+def test_trainable_patterns_freeze_the_rest_with_no_optimizer_state():
+    """train.trainable: the parameters it does not match are bit-identical after training and have
+    no AdamW moments (the optimizer state shrinks by exactly their share); the matched ones train."""
+    overrides = SMALL + ["model.n_layer=2", "model.vocab_size=64"]
+    patterns = "train.trainable=['layers.1.mlp.*', final_norm]"
+    frozen = Trainer(load_config(ROOT / "configs/tiny-gpt.yaml", overrides + [patterns]), make_mesh("data:8"))
+    full = Trainer(load_config(ROOT / "configs/tiny-gpt.yaml", overrides), make_mesh("data:8"))
+    before = flat_by_name(frozen.state[0])
+    batch = np.random.default_rng(0).integers(0, 64, (8, 33)).astype(np.int32)
+    for _ in range(3):
+        frozen.state, *_ = frozen.train_step(frozen.state, frozen.put(batch))
+    after = flat_by_name(frozen.state[0])
+    trains = lambda name: name.startswith("layers/1/mlp/") or name.startswith("final_norm/")  # noqa: E731
+    params = [n for n in before if before[n].dtype.kind == "f"]
+    assert any(trains(n) for n in params) and any(not trains(n) for n in params)
+    for name in params:
+        changed = not np.array_equal(before[name], after[name])
+        assert changed == trains(name), name
+    moments = lambda trainer: sum(x.nbytes for x in jax.tree.leaves(trainer.state[1]) if x.ndim > 0)  # noqa: E731
+    trainable_bytes = sum(before[n].nbytes for n in params if trains(n))
+    all_bytes = sum(before[n].nbytes for n in params)
+    assert moments(frozen) == 2 * trainable_bytes and moments(full) == 2 * all_bytes  # AdamW: mu and nu

@@ -43,12 +43,13 @@ from jaxllm.errors import DataError, TrainingError
 from jaxllm.files import FileLock, atomic_write
 from jaxllm.metrics import flops_per_token, peak_flops
 from jaxllm.model import Transformer, lm_loss, next_token_loss
+from jaxllm.model.transformer import abstract_model
 from jaxllm.model.moe import pop_expert_load, update_router_bias
 from jaxllm.sharding import batch_divisor, batch_sharding, make_mesh, state_shardings
 from jaxllm.train import data as data_lib
 from jaxllm.train.monitor import MetricsLog, Wandb
 from jaxllm.train.optim import (last_grad_norm, lr_schedule, make_optimizer, nonfinite_counts, poison_unless_finite,
-                                 update_applied)
+                                 trainable_filter, update_applied)
 from jaxllm.train.tokenizer import build_tokenizer, load_tokenizer
 
 # Train fields that must match to continue a run in the same directory (the model section must too).
@@ -158,10 +159,12 @@ class Trainer:
         self.cfg, self.mesh = cfg, mesh
         tx = make_optimizer(cfg.train)
 
+        self.wrt = trainable_filter(abstract_model(cfg.model), cfg.train.trainable)
+
         def create():
             model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
             model.train()  # dropout / LayerDrop on; eval steps switch their copy off
-            return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+            return model, nnx.Optimizer(model, tx, wrt=self.wrt)  # frozen parameters get no state
 
         self.graphdef, abstract = nnx.split(nnx.eval_shape(create))
         self.shardings = state_shardings(abstract, mesh)
@@ -182,7 +185,8 @@ class Trainer:
         whole batch. A non-finite loss or gradient leaves the state as it was (apply_if_finite);
         skipped = [such micro-batches in a row, in all]."""
         model, optimizer = nnx.merge(self.graphdef, state)
-        loss, grads = nnx.value_and_grad(lm_loss)(model, batch[:, :-1], batch[:, 1:], chunk=self.cfg.train.loss_chunk)
+        loss, grads = nnx.value_and_grad(lm_loss, argnums=nnx.DiffState(0, self.wrt))(
+            model, batch[:, :-1], batch[:, 1:], chunk=self.cfg.train.loss_chunk)
         optimizer.update(model, poison_unless_finite(loss, grads))
         applied = update_applied(optimizer.opt_state)  # a skipped update moves no router bias either (load 0)
         loads = jax.tree.map(lambda load: jnp.where(applied, load, 0), pop_expert_load(model))
@@ -366,8 +370,10 @@ class Run:
         self.skipped = 0
 
     def check(self, cfg: Config) -> None:
-        """The checks of the run directory and data that read only (`check_run_dir`)."""
+        """The checks of the run directory and data that read only (`check_run_dir`), and that the
+        train.trainable patterns name parameters."""
         check_run_dir(cfg, self.run_dir)
+        trainable_filter(abstract_model(cfg.model), cfg.train.trainable)
 
     def prepare(self, cfg: Config) -> Config:
         """The run directory's tokenizer and tokens (made once); returns the config with vocab_size set."""

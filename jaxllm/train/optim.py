@@ -6,6 +6,7 @@ skipped (parameters and moments untouched) and counted in the optimizer state, i
 step. The training loop stops the run after train.max_nonfinite_steps of them in a row."""
 from __future__ import annotations
 
+import fnmatch
 from typing import NamedTuple
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxllm.config import TrainConfig
+from jaxllm.errors import ConfigError
 
 
 def lr_schedule(t: TrainConfig) -> optax.Schedule:
@@ -66,6 +68,37 @@ def nonfinite_counts(opt_state) -> jax.Array:
 def update_applied(opt_state) -> jax.Array:
     """Whether the last update was applied (False: skipped as non-finite)."""
     return optax.tree.get(opt_state, "last_finite")[...]
+
+
+def param_path(path) -> str:
+    """A parameter's dotted path, e.g. 'layers.0.mlp.down_proj.weight' (what train.trainable matches)."""
+    return ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def matches(pattern: str, path: str) -> bool:
+    """A train.trainable pattern matches a path by glob, or as a prefix of whole names ('lm_head'
+    matches 'lm_head.weight'; 'layers.1' matches everything of layer 1)."""
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, pattern + ".*")
+
+
+def trainable_filter(model, patterns: tuple[str, ...] | None):
+    """The nnx filter of the parameters that train (all of them when `patterns` is None): the
+    optimizer's `wrt` and the gradient's `DiffState`. A pattern that matches no parameter is a
+    one-line ConfigError, as is one that leaves nothing to train."""
+    from flax import nnx
+
+    if patterns is None:
+        return nnx.Param
+    paths = [param_path(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    for pattern in patterns:
+        if not any(matches(pattern, p) for p in paths):
+            firsts = {}  # one example per top-level name: embed_tokens.weight, layers.0.attn..., ...
+            for path in paths:
+                firsts.setdefault(path.split(".")[0], path)
+            shown = ", ".join(list(firsts.values())[:5])
+            raise ConfigError(f"train.trainable pattern {pattern!r} matches no parameter; parameter paths look "
+                              f"like {shown}, ... (globs over dotted paths, e.g. 'layers.*.mlp.*')")
+    return nnx.All(nnx.Param, lambda path, _: any(matches(p, param_path(path)) for p in patterns))
 
 
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
