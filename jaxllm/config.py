@@ -244,6 +244,11 @@ class TrainConfig:
     # also matches every path under it) that train; the rest are frozen (no gradient, no optimizer
     # state, never updated). None: everything trains
     trainable: tuple[str, ...] | None = None
+    # float16 training: the loss is multiplied by a scale before the backward pass and the gradient
+    # divided by it (jmp), so that small gradients do not underflow in float16. 'dynamic': start at
+    # 2**15, halve at a non-finite gradient (the update is skipped), double after 2000 finite steps;
+    # a number: that fixed scale; null: none (bfloat16 and float32 do not need it)
+    loss_scale: float | Literal["dynamic"] | None = None
     grad_clip: float | None = 1.0  # global-norm clipping (None: off)
     # tokens per piece of the chunked cross-entropy (the [B, T, V] float32 logits never whole);
     # 0: one piece; None: 2048 when the vocabulary has >= 16384 entries, else one piece
@@ -476,6 +481,9 @@ def _validate_train(t: TrainConfig, model: ModelConfig) -> None:
         _check(t.grad_accum == 1, "train.grad_accum", t.grad_accum,
                "1 when model.trm.enabled (TRM trains one supervision step per update)")
         _check(t.trainable is None, "train.trainable", t.trainable, "null when model.trm.enabled (TRM trains all)")
+        _check(t.loss_scale is None, "train.loss_scale", t.loss_scale, "null when model.trm.enabled")
+    if isinstance(t.loss_scale, float):
+        _check(t.loss_scale >= 1.0, "train.loss_scale", t.loss_scale, "'dynamic', a number >= 1, or null")
     if t.trainable is not None:
         _check(len(t.trainable) > 0 and all(isinstance(p, str) and p for p in t.trainable), "train.trainable",
                t.trainable, "a non-empty list of glob patterns over parameter paths, or null")

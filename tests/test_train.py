@@ -472,3 +472,34 @@ def test_trainable_patterns_freeze_the_rest_with_no_optimizer_state():
     trainable_bytes = sum(before[n].nbytes for n in params if trains(n))
     all_bytes = sum(before[n].nbytes for n in params)
     assert moments(frozen) == 2 * trainable_bytes and moments(full) == 2 * all_bytes  # AdamW: mu and nu
+
+
+def test_float16_gradients_underflow_without_loss_scaling_and_train_with_it():
+    """With small weights (init_std 0.002) a float16 backward pass rounds many gradient entries to
+    zero: without loss scaling those weights never move (AdamW without decay moves a weight only
+    when its gradient is nonzero); with train.loss_scale=dynamic (jmp) almost all of them move, the
+    loss falls as a float32 run's does."""
+    overrides = SMALL + ["model.n_layer=2", "model.vocab_size=256", "model.init_std=0.002", "train.weight_decay=0",
+                         "model.max_seq_len=64", "train.seq_len=64", "train.batch_size=64", "train.lr=1e-3"]
+    batch = np.random.default_rng(0).integers(0, 256, (64, 65)).astype(np.int32)
+
+    def run(*extra):
+        trainer = Trainer(load_config(ROOT / "configs/tiny-gpt.yaml", overrides + list(extra)), make_mesh("data:8"))
+        before = flat_by_name(trainer.state[0])
+        losses = []
+        for _ in range(4):
+            trainer.state, loss, _, skipped = trainer.train_step(trainer.state, trainer.put(batch))
+            losses.append(float(loss))
+        after = flat_by_name(trainer.state[0])
+        names = [n for n in before if before[n].dtype.kind == "f" and before[n].ndim >= 2]
+        still = sum(int(np.sum(before[n] == after[n])) for n in names) / sum(before[n].size for n in names)
+        return still, losses, after, int(np.asarray(skipped)[1])
+
+    fp32_still, fp32_losses, fp32_after, _ = run()
+    unscaled_still, _, _, _ = run("model.dtype=float16")
+    scaled_still, scaled_losses, scaled_after, skipped = run("model.dtype=float16", "train.loss_scale=dynamic")
+    assert fp32_still < 0.001
+    assert unscaled_still > 0.05  # underflowed gradients: frozen weights
+    assert scaled_still < 0.01 and skipped == 0
+    assert scaled_losses[-1] < scaled_losses[0] - 0.01
+    np.testing.assert_allclose(scaled_losses, fp32_losses, atol=1e-2)  # the float32 run's curve

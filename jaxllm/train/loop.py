@@ -48,8 +48,8 @@ from jaxllm.model.moe import pop_expert_load, update_router_bias
 from jaxllm.sharding import batch_divisor, batch_sharding, make_mesh, state_shardings
 from jaxllm.train import data as data_lib
 from jaxllm.train.monitor import MetricsLog, Wandb
-from jaxllm.train.optim import (last_grad_norm, lr_schedule, make_optimizer, nonfinite_counts, poison_unless_finite,
-                                 trainable_filter, update_applied)
+from jaxllm.train.optim import (last_grad_norm, loss_scale, lr_schedule, make_optimizer, nonfinite_counts,
+                                 poison_unless_finite, trainable_filter, update_applied)
 from jaxllm.train.tokenizer import build_tokenizer, load_tokenizer
 
 # Train fields that must match to continue a run in the same directory (the model section must too).
@@ -185,8 +185,10 @@ class Trainer:
         whole batch. A non-finite loss or gradient leaves the state as it was (apply_if_finite);
         skipped = [such micro-batches in a row, in all]."""
         model, optimizer = nnx.merge(self.graphdef, state)
-        loss, grads = nnx.value_and_grad(lm_loss, argnums=nnx.DiffState(0, self.wrt))(
-            model, batch[:, :-1], batch[:, 1:], chunk=self.cfg.train.loss_chunk)
+        scale = loss_scale(optimizer.opt_state)  # 1 unless train.loss_scale (float16)
+        scaled = lambda m, x, y: lm_loss(m, x, y, chunk=self.cfg.train.loss_chunk) * scale  # noqa: E731
+        loss, grads = nnx.value_and_grad(scaled, argnums=nnx.DiffState(0, self.wrt))(model, batch[:, :-1], batch[:, 1:])
+        loss = loss / scale  # the optimizer's first transformation unscales the gradient
         optimizer.update(model, poison_unless_finite(loss, grads))
         applied = update_applied(optimizer.opt_state)  # a skipped update moves no router bias either (load 0)
         loads = jax.tree.map(lambda load: jnp.where(applied, load, 0), pop_expert_load(model))

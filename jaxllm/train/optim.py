@@ -101,6 +101,45 @@ def trainable_filter(model, patterns: tuple[str, ...] | None):
     return nnx.All(nnx.Param, lambda path, _: any(matches(p, param_path(path)) for p in patterns))
 
 
+class LossScaleState(NamedTuple):
+    loss_scale: jax.Array
+    counter: jax.Array
+
+
+def loss_scaling(kind: float | str) -> optax.GradientTransformation:
+    """Unscale the gradient of a loss that was multiplied by `loss_scale(opt_state)` (jmp's
+    Static/DynamicLossScale), and with 'dynamic' adjust the scale: halved after a non-finite
+    gradient (which apply_if_finite then skips), doubled after 2000 finite ones in a row."""
+    import jmp
+
+    dynamic = kind == "dynamic"
+    initial = 2.0 ** 15 if dynamic else float(kind)
+
+    def scaler(state: LossScaleState):
+        if dynamic:
+            return jmp.DynamicLossScale(state.loss_scale, state.counter)
+        return jmp.StaticLossScale(state.loss_scale)
+
+    def init(params):
+        return LossScaleState(jnp.asarray(initial, jnp.float32), jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        s = scaler(state)
+        grads = s.unscale(updates)
+        if not dynamic:
+            return grads, state
+        adjusted = s.adjust(jmp.all_finite(grads))
+        return grads, LossScaleState(adjusted.loss_scale, adjusted.counter)
+
+    return optax.GradientTransformation(init, update)
+
+
+def loss_scale(opt_state) -> jax.Array:
+    """The current loss scale (1 without train.loss_scale): multiply the loss by it before the backward pass."""
+    found = optax.tree.get(opt_state, "loss_scale", default=None)
+    return jnp.ones([], jnp.float32) if found is None else found[...]
+
+
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
     schedule = lr_schedule(t)
     mask = lambda params: decay_mask(params, t.decay_embeddings)  # noqa: E731
@@ -113,4 +152,6 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
     if t.grad_accum > 1:
         chain = optax.MultiSteps(chain, every_k_schedule=t.grad_accum)
     # Never "give up and apply" (apply_if_finite's own limit): the loop stops the run instead.
-    return optax.apply_if_finite(chain, max_consecutive_errors=int(jnp.iinfo(jnp.int32).max))
+    guarded = optax.apply_if_finite(chain, max_consecutive_errors=int(jnp.iinfo(jnp.int32).max))
+    # the scale sits outside the guard: a non-finite gradient must still lower a dynamic scale
+    return guarded if t.loss_scale is None else optax.chain(loss_scaling(t.loss_scale), guarded)
