@@ -244,6 +244,10 @@ class TrainConfig:
     # also matches every path under it) that train; the rest are frozen (no gradient, no optimizer
     # state, never updated). None: everything trains
     trainable: tuple[str, ...] | None = None
+    # fine-tuning: the weights the run starts from (a Hugging Face directory, a GGUF file, torch_ref
+    # safetensors or a jaxllm run / checkpoint; set by `train.py --init-from`, which also takes the
+    # model config from them). The optimizer starts fresh; resuming the run reads its own checkpoints
+    init_from: str | None = None
     # float16 training: the loss is multiplied by a scale before the backward pass and the gradient
     # divided by it (jmp), so that small gradients do not underflow in float16. 'dynamic': start at
     # 2**15, halve at a non-finite gradient (the update is skipped), double after 2000 finite steps;
@@ -482,6 +486,7 @@ def _validate_train(t: TrainConfig, model: ModelConfig) -> None:
                "1 when model.trm.enabled (TRM trains one supervision step per update)")
         _check(t.trainable is None, "train.trainable", t.trainable, "null when model.trm.enabled (TRM trains all)")
         _check(t.loss_scale is None, "train.loss_scale", t.loss_scale, "null when model.trm.enabled")
+        _check(t.init_from is None, "train.init_from", t.init_from, "null when model.trm.enabled")
     if isinstance(t.loss_scale, float):
         _check(t.loss_scale >= 1.0, "train.loss_scale", t.loss_scale, "'dynamic', a number >= 1, or null")
     if t.trainable is not None:

@@ -37,6 +37,10 @@ def parser() -> ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="require a checkpoint in the run directory to continue from (default: off; a run "
                         "directory with checkpoints is resumed anyway)")
+    p.add_argument("--init-from", metavar="PATH", default=None,
+                   help="fine-tune: start from these weights (a Hugging Face directory, a .gguf file, torch_ref "
+                        "safetensors or a jaxllm run); the model config comes from them, model.* overrides may "
+                        "not change a shape, the tokenizer defaults to theirs (default: random init)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     p.add_argument("--sample", metavar="PROMPT", default=None,
                    help="do not train: print a continuation of PROMPT from the run directory's latest "
@@ -61,6 +65,13 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)  # config mistakes fail before jax starts
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # before backends start
     select_platform(args.platform)
+    init_model = None
+    if args.init_from is not None:
+        from jaxllm.train.weights import config_from_weights
+
+        if cfg.model.trm.enabled:
+            raise ConfigError("--init-from: a TRM (model.trm.enabled) cannot start from imported weights")
+        cfg, init_model = config_from_weights(args.config, args.overrides, args.init_from)
 
     from jaxllm.train.loop import sample_from_run, train
 
@@ -76,7 +87,8 @@ def main(argv: list[str]) -> int:
     run_class = None
     if cfg.model.trm.enabled:
         from jaxllm.train.trm import TRMRun as run_class
-    last = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress, run_class=run_class)
+    last = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress, run_class=run_class,
+                 init_model=init_model)
     if last.get("stopped_by"):
         print(f"stopped by {last['stopped_by']} at step {last['step']}: checkpoint "
               f"{str(run_dir / 'checkpoints' / str(last['step']))!r} saved; run the same command to continue")

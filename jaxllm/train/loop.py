@@ -39,10 +39,11 @@ from flax import nnx
 from jaxllm.checkpoint import Checkpointer, committed_steps, load_model
 from jaxllm.cli import exit_now, signal_handler
 from jaxllm.config import Config, ModelConfig, to_dict, to_yaml
-from jaxllm.errors import DataError, TrainingError
+from jaxllm.errors import ConfigError, DataError, TrainingError
 from jaxllm.files import FileLock, atomic_write
 from jaxllm.metrics import flops_per_token, peak_flops
 from jaxllm.model import Transformer, lm_loss, next_token_loss
+from jaxllm.model.params import Buffer
 from jaxllm.model.transformer import abstract_model
 from jaxllm.model.moe import pop_expert_load, update_router_bias
 from jaxllm.sharding import batch_divisor, batch_sharding, make_mesh, state_shardings
@@ -118,6 +119,14 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
         data_lib.check_corpus(t.data, t.text_field, t.max_corpus_bytes)  # also a missing data path
     else:
         data_lib.corpus_files(t.data)  # a missing data path
+    if t.init_from is not None:  # the weights come with their vocabulary: the tokenizer must fit it
+        if not t.tokenizer.endswith(".json"):
+            raise ConfigError(f"train.tokenizer={t.tokenizer!r}: with train.init_from the tokenizer must be the "
+                              f"weights' own tokenizer.json (give train.tokenizer=PATH)")
+        size = load_tokenizer(t.tokenizer).vocab_size
+        if size > cfg.model.vocab_size:
+            raise DataError(f"train.tokenizer {t.tokenizer!r} has {size} tokens but the weights of "
+                            f"{t.init_from!r} only {cfg.model.vocab_size}; give the tokenizer they were trained with")
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, is_main: bool = True):
@@ -141,8 +150,9 @@ def _prepare_checked_run_dir(cfg: Config, run_dir: Path, is_main: bool = True):
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     # TiDAR reserves one more id, never produced by the tokenizer, for its [MASK] token
     reserved = 1 if cfg.model.diffusion.enabled and cfg.model.diffusion.mask_token_id is None else 0
-    model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size + reserved)
-    cfg = dataclasses.replace(cfg, model=model)
+    if t.init_from is None:  # (imported weights keep their own vocabulary)
+        model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size + reserved)
+        cfg = dataclasses.replace(cfg, model=model)
     if is_main and not (run_dir / "config.yaml").exists():
         atomic_write(run_dir / "config.yaml", to_yaml(cfg))
     return cfg, tokenizer, tokens
@@ -155,7 +165,9 @@ def _prepare_checked_run_dir(cfg: Config, run_dir: Path, is_main: bool = True):
 class Trainer:
     """The model + optimizer state laid out over a mesh, and the jitted steps that use it."""
 
-    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh, init=None):
+        """`init`: a model (same config) whose parameters and buffers the state starts from
+        (train.init_from); the optimizer starts fresh either way."""
         self.cfg, self.mesh = cfg, mesh
         tx = make_optimizer(cfg.train)
 
@@ -172,11 +184,25 @@ class Trainer:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         # The state is created already sharded: each device builds only its own pieces.
         self.state = jax.jit(lambda: nnx.state(create()), out_shardings=self.shardings)()
+        if init is not None:
+            self.state = self._with_weights(init)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.shardings, self.batch_sharding),
                                   out_shardings=(self.shardings, replicated, replicated, replicated),
                                   donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step, in_shardings=(self.shardings, self.batch_sharding),
                                  out_shardings=replicated)
+
+    def _with_weights(self, source):
+        """The state with the model's parameters and buffers taken from `source` (cast to this
+        config's parameter dtype, laid out like the state)."""
+        def merged(state, weights):
+            model, optimizer = nnx.merge(self.graphdef, state)
+            nnx.update(model, jax.tree.map(lambda w, v: w.astype(v.dtype), weights,
+                                           nnx.state(model, nnx.Any(nnx.Param, Buffer))))
+            return nnx.state((model, optimizer))
+
+        weights = nnx.state(source, nnx.Any(nnx.Param, Buffer))
+        return jax.jit(merged, out_shardings=self.shardings, donate_argnums=0)(self.state, weights)
 
     def _train_step(self, state, batch):
         """(new state, loss, grad_norm, skipped): one micro-batch through the model and the optimizer
@@ -246,12 +272,16 @@ def sample_from_run(run_dir: Path, prompt: str, n_tokens: int, temperature: floa
 
 
 def train(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None, run_class: type["Run"] | None = None) -> dict:
+          stop_after: int | None = None, run_class: type["Run"] | None = None, init_model=None) -> dict:
     """Train (or continue) the run in `run_dir`; returns the last metrics, with "stopped_by" (the
     signal's name) when SIGINT / SIGTERM stopped it. `stop_after` ends the process early at that
     step (after its checkpoint), as an interruption would. `run_class`: a subclass of `Run` for
     another kind of model (TRM: jaxllm.train.trm.TRMRun)."""
-    run = (run_class or Run)(cfg, Path(run_dir), resume=resume)  # (a signal while setting up exits at once: nothing to save)
+    if init_model is None and cfg.train.init_from is not None and run_class is None:
+        from jaxllm.train.weights import load_weights
+
+        init_model = load_weights(cfg)
+    run = (run_class or Run)(cfg, Path(run_dir), resume=resume, init_model=init_model)  # (a signal while setting up exits at once: nothing to save)
     t = run.cfg.train
     last: dict = {}
     with graceful_stop() as stop:
@@ -330,11 +360,12 @@ class Run:
     """One training run: its config, data, sharded state and outputs, and where it stands (step,
     curriculum stage, data iterators, the window since the last log). Process 0 writes the files."""
 
-    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool):
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool, init_model=None):
         """Set up: check the request, take the run directory's lock, prepare it (config, tokenizer,
         tokens) and build the sharded model + optimizer state. Nothing is written before the checks
         pass; a run directory this set-up created is removed again if it fails."""
         self.run_dir = run_dir
+        self.init_model = init_model  # train.init_from's weights, loaded (a resumed run reads its checkpoint instead)
         self.is_main = jax.process_index() == 0
         if resume and not committed_steps(run_dir / "checkpoints"):
             raise DataError(f"--resume: run directory {str(run_dir)!r} has no checkpoint to resume from")
@@ -384,7 +415,7 @@ class Run:
         return cfg
 
     def make_trainer(self) -> "Trainer":
-        return Trainer(self.cfg, self.mesh)
+        return Trainer(self.cfg, self.mesh, init=self.init_model)
 
     def describe(self) -> str:
         """What the run trains on, for its first line."""
