@@ -172,6 +172,18 @@ class TRMConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the projections whose paths match `targets`
+    (globs such as 'layers.*.attn.q_proj'): W x + (alpha / rank) B A x, with A [in, rank] drawn as
+    PEFT's kaiming-uniform and B [rank, out] zeros, so an adapted model starts equal to its base.
+    While rank > 0, training updates only the adapters unless train.trainable says otherwise;
+    `scripts/convert.py --merge-lora` folds them into the weights. rank 0: no adapters."""
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("layers.*.attn.q_proj", "layers.*.attn.v_proj")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 256
     d_model: int = 384
@@ -185,6 +197,7 @@ class ModelConfig:
     diffusion: DiffusionConfig = DiffusionConfig()
     recursion: RecursionConfig = RecursionConfig()
     trm: TRMConfig = TRMConfig()
+    lora: LoRAConfig = LoRAConfig()
     tie_embeddings: bool = True
     lm_head_bias: bool = False
     dropout: float = 0.0  # on embeddings and on each sublayer output before the residual add
@@ -582,6 +595,12 @@ def _validate_model(m: ModelConfig) -> None:
         _check(0.0 <= p < 1.0, field, p, "a probability in [0, 1)")
     _check(0.0 <= m.layerdrop < 1.0, "model.layerdrop", m.layerdrop, "a probability in [0, 1)")
     _check(m.init_std > 0, "model.init_std", m.init_std, "> 0")
+    _check(m.lora.rank >= 0, "model.lora.rank", m.lora.rank, "an integer >= 0 (0: no adapters)")
+    if m.lora.rank:
+        _check(m.lora.alpha > 0, "model.lora.alpha", m.lora.alpha, "> 0")
+        _check(len(m.lora.targets) > 0 and all(m.lora.targets), "model.lora.targets", m.lora.targets,
+               "a non-empty list of glob patterns over projection paths, e.g. 'layers.*.attn.q_proj'")
+        _check(not m.scan_layers, "model.scan_layers", m.scan_layers, "false with LoRA adapters")
     if a.kind == "mla":
         _validate_mla(a.mla, m.position)
     if m.moe.n_routed_experts:
@@ -636,7 +655,8 @@ def _validate_trm(t: TRMConfig, m: ModelConfig) -> None:
             ("model.rezero", m.rezero, "false (TRM blocks are post-norm)"),
             ("model.layerdrop", m.layerdrop, "0"),
             ("model.scan_layers", m.scan_layers, "false"),
-            ("model.init", m.init != "normal", "'normal' (TRM draws every weight at init_std)")):
+            ("model.init", m.init != "normal", "'normal' (TRM draws every weight at init_std)"),
+            ("model.lora.rank", m.lora.rank, "0")):
         _check(not on, field, getattr_dotted(m, field.removeprefix("model.")), f"{allowed} when model.trm.enabled")
 
 

@@ -38,6 +38,7 @@ RULES: dict[str, str | None] = {
     "positions": None,
     "norm": None,
     "latent": None,
+    "lora": None,  # a LoRA adapter's rank
     "inject": None,  # recursion: the [state, input] width of the concat adapter, the index of the states
 }
 

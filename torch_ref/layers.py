@@ -102,6 +102,36 @@ class LayerCache:
                      for buf, entries in zip(self.buffers, new))
 
 
+class LoRALinear(nn.Linear):
+    """nn.Linear with LoRA adapters (PEFT's layout): y = x (W + (alpha / r) B A)^T + b, with
+    lora_a [r, in] (kaiming-uniform) and lora_b [out, r] (zeros): at first the base layer exactly."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.load_state_dict(base.state_dict())
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+        nn.init.kaiming_uniform_(self.lora_a, a=5 ** 0.5)
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale = alpha / rank
+
+    @property
+    def merged_weight(self):
+        return self.weight + self.scale * self.lora_b @ self.lora_a
+
+    def forward(self, x):
+        return F.linear(x, self.merged_weight, self.bias)
+
+
+def add_lora(model: nn.Module, lora) -> None:
+    """Replace each nn.Linear whose name matches one of lora.targets (globs) by a LoRALinear."""
+    from fnmatch import fnmatchcase
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and any(fnmatchcase(name, p) for p in lora.targets):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, LoRALinear(module, lora.rank, lora.alpha))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()

@@ -120,8 +120,8 @@ class MultiHeadLatentAttention(nn.Module):
         """W_UK [N, nope, C] and W_UV [N, Hv, C]: the latent's up-projections to keys and values."""
         m, N, C = self.mla, self.n_head, self.mla.kv_lora_rank
         if m.variant == "seed004":
-            return self.k_proj_u.weight.view(N, m.qk_nope_head_dim, C), self.v_proj_u.weight.view(N, m.v_head_dim, C)
-        return self.kv_b_proj.weight.view(N, m.qk_nope_head_dim + m.v_head_dim, C).split(
+            return weight(self.k_proj_u).view(N, m.qk_nope_head_dim, C), weight(self.v_proj_u).view(N, m.v_head_dim, C)
+        return weight(self.kv_b_proj).view(N, m.qk_nope_head_dim + m.v_head_dim, C).split(
             [m.qk_nope_head_dim, m.v_head_dim], dim=1)
 
     def forward(self, x, positions, mask, cache=None):
@@ -160,3 +160,8 @@ class MultiHeadLatentAttention(nn.Module):
                                                scale=softmax_scale(m),
                                                dropout_p=self.dropout if self.training else 0.0).transpose(1, 2)
         return self.o_proj(y.reshape(B, T, N * Hv))
+
+
+def weight(linear):
+    """A projection's weight, with its LoRA adapters folded in when it has them."""
+    return getattr(linear, "merged_weight", linear.weight)

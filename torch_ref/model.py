@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from torch_ref.layers import MLP, Attention, LayerCache, causal_mask, make_norm, namespace, visible, write_cache
+from torch_ref.layers import MLP, Attention, LayerCache, add_lora, causal_mask, make_norm, namespace, visible, write_cache
 from torch_ref.mla import MultiHeadLatentAttention
 from torch_ref.moe import MoE
 
@@ -199,6 +199,9 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.lm_head_bias else None
         self.apply(self._init_weights)
+        lora = getattr(cfg, "lora", None)
+        if lora is not None and lora.rank:
+            add_lora(self, lora)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -52,8 +52,17 @@ def _stacked_expert(key: str) -> bool:
     return len(parts) >= 2 and parts[-2] == EXPERTS
 
 
+def _lora(key: str) -> str | None:
+    """'lora_a' / 'lora_b' for a LoRA adapter ('...q_proj.lora_a'): jaxllm A [in..., r] and
+    B [r, out...]; torch_ref (and PEFT) A [r, in] and B [out, r]."""
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf if leaf in ("lora_a", "lora_b") else None
+
+
 def torch_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The torch_ref shape of the jaxllm tensor `key` of `shape`."""
+    if (lora := _lora(key)) is not None:
+        return (shape[-1], math.prod(shape[:-1])) if lora == "lora_a" else (math.prod(shape[1:]), shape[0])
     if _stacked_expert(key):
         return (*shape[:-2], shape[-1], shape[-2])
     linear = _linear(key)
@@ -67,6 +76,9 @@ def torch_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def to_torch_layout(key: str, a: np.ndarray) -> np.ndarray:
+    if _lora(key) is not None:  # A [in..., r] -> [r, in]; B [r, out...] -> [out, r]
+        shape = torch_shape(key, a.shape)
+        return np.array(a.reshape(shape[1], shape[0]).T, order="C")
     if _stacked_expert(key):
         return np.array(np.swapaxes(a, -1, -2), order="C")
     shape = torch_shape(key, a.shape)
@@ -77,6 +89,8 @@ def to_torch_layout(key: str, a: np.ndarray) -> np.ndarray:
 
 
 def from_torch_layout(key: str, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if _lora(key) is not None:
+        return np.array(t.T, order="C").reshape(shape)
     if _stacked_expert(key):
         return np.array(np.swapaxes(t, -1, -2), order="C")
     linear = _linear(key)

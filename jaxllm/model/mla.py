@@ -215,8 +215,8 @@ class MultiHeadLatentAttention(nnx.Module):
     def up_projections(self) -> tuple[jax.Array, jax.Array]:
         """W_UK [C, N, nope] and W_UV [C, N, Hv], the maps from c_kv to keys and values."""
         if self.mla.variant == "seed004":
-            return self.k_proj_u.weight[...], self.v_proj_u.weight[...]
-        w = self.kv_b_proj.weight[...]
+            return self.k_proj_u.kernel(), self.v_proj_u.kernel()
+        w = self.kv_b_proj.kernel()
         return w[..., :self.mla.qk_nope_head_dim], w[..., self.mla.qk_nope_head_dim:]
 
     def attend_absorbed(self, q: jax.Array, c_kv: jax.Array, k_rope: jax.Array, mask: AttentionMask) -> jax.Array:

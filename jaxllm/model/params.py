@@ -6,6 +6,7 @@ mesh axes through one table; no layer ever writes a PartitionSpec.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import jax
@@ -65,9 +66,21 @@ class Einsum(nnx.Module):
         self.bias = param(None, out_shape, out_axes, "zeros", dtype=param_dtype) if bias else None
         self.dtype = dtype
         self.n_in = len(in_shape)  # the weight's leading input dims (its fan-in, for init schemes)
+        self.lora_a = self.lora_b = None  # LoRA adapters (`apply_lora`): [in..., r] and [r, out...]
+        self.lora_scale = 0.0
+
+    def kernel(self) -> jax.Array:
+        """The weight the einsum applies: W, or W + (alpha / r) A B with LoRA adapters."""
+        w = self.weight[...]
+        if self.lora_a is not None:
+            a, b = self.lora_a[...], self.lora_b[...]
+            r = a.shape[-1]
+            delta = a.reshape(-1, r).astype(jnp.float32) @ b.reshape(r, -1).astype(jnp.float32)
+            w = (w.astype(jnp.float32) + self.lora_scale * delta.reshape(w.shape)).astype(w.dtype)
+        return w
 
     def __call__(self, spec: str, x: jax.Array) -> jax.Array:
-        y = project(spec, x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        y = project(spec, x.astype(self.dtype), self.kernel().astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -110,6 +123,38 @@ def apply_init_scheme(model: nnx.Module, scheme: str, n_layer: int, rngs: nnx.Rn
             node[...] = jax.random.uniform(rngs.params(), value.shape, value.dtype, -a, a)
         elif residual:
             node[...] = value / math.sqrt(2 * n_layer)
+
+
+def module_paths(model: nnx.Module, kind: type) -> dict[str, nnx.Module]:
+    """The submodules of `kind` by dotted path, e.g. {'layers.0.attn.q_proj': Einsum, ...}."""
+    return {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, kind)}
+
+
+def apply_lora(model: nnx.Module, lora, rngs: nnx.Rngs) -> None:
+    """Give every Einsum whose path matches one of `lora.targets` (ModelConfig.lora) LoRA adapters:
+    A [in..., r] drawn U(+-1/sqrt(fan_in)) (PEFT's kaiming-uniform with a = sqrt(5)), B [r, out...]
+    zeros. A pattern that matches no projection is a one-line ConfigError."""
+    if not lora.rank:
+        return
+    from jaxllm.errors import ConfigError
+
+    einsums = module_paths(model, Einsum)
+    for pattern in lora.targets:
+        if not any(fnmatch.fnmatchcase(path, pattern) for path in einsums):
+            shown = ", ".join(p for p in einsums if p.startswith("layers.0."))
+            raise ConfigError(f"model.lora.targets pattern {pattern!r} matches no projection; projections are "
+                              f"e.g. {shown}")
+    for path, e in einsums.items():
+        if not any(fnmatch.fnmatchcase(path, pattern) for pattern in lora.targets):
+            continue
+        w = e.weight
+        in_shape, out_shape = w.shape[:e.n_in], w.shape[e.n_in:]
+        in_axes, out_axes = w.axes[:e.n_in], w.axes[e.n_in:]
+        bound = 1.0 / math.sqrt(math.prod(in_shape))
+        e.lora_a = nnx.data(nnx.Param(jax.random.uniform(rngs.params(), (*in_shape, lora.rank), w.dtype, -bound, bound),
+                                      axes=(*in_axes, "lora")))  # (nnx.data: the attribute was a static None)
+        e.lora_b = nnx.data(nnx.Param(jnp.zeros((lora.rank, *out_shape), w.dtype), axes=("lora", *out_axes)))
+        e.lora_scale = lora.alpha / lora.rank
 
 
 class AuxLoss(nnx.Intermediate):

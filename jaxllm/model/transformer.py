@@ -14,7 +14,7 @@ from jaxllm.model.blocks import Block, LayerDrop, RecursiveBlock
 from jaxllm.model.embeddings import Embed
 from jaxllm.model.moe import init_expert_loads
 from jaxllm.model.norms import make_norm
-from jaxllm.model.params import AuxLoss, apply_init_scheme, dtypes, param, pop_aux_losses, project
+from jaxllm.model.params import AuxLoss, apply_init_scheme, apply_lora, dtypes, param, pop_aux_losses, project
 
 
 def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: AttentionMask,
@@ -96,6 +96,7 @@ class Transformer(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
         self.lm_head_bias = param(None, (cfg.vocab_size,), ("vocab",), "zeros") if cfg.lm_head_bias else None
         apply_init_scheme(self, cfg.init, cfg.n_layer, rngs)
+        apply_lora(self, cfg.lora, rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, groups: jax.Array | None = None,
                  cache: DecodeCache | None = None, write: int | None = None, router_noise: jax.Array | None = None,

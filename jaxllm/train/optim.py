@@ -81,12 +81,18 @@ def matches(pattern: str, path: str) -> bool:
     return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, pattern + ".*")
 
 
+LORA_PARAMS = ("*.lora_a", "*.lora_b")
+
+
 def trainable_filter(model, patterns: tuple[str, ...] | None):
-    """The nnx filter of the parameters that train (all of them when `patterns` is None): the
-    optimizer's `wrt` and the gradient's `DiffState`. A pattern that matches no parameter is a
-    one-line ConfigError, as is one that leaves nothing to train."""
+    """The nnx filter of the parameters that train: those `patterns` match; with None, all of them,
+    or a model with LoRA adapters (model.lora.rank > 0) its adapters alone. It is the optimizer's
+    `wrt` and the gradient's `DiffState`. A pattern that matches no parameter is a one-line
+    ConfigError."""
     from flax import nnx
 
+    if patterns is None and model.cfg.lora.rank:
+        patterns = LORA_PARAMS
     if patterns is None:
         return nnx.Param
     paths = [param_path(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
