@@ -98,3 +98,40 @@ def test_bad_init_from_is_one_line_and_writes_nothing(hf_dir, corpus, tmp_path, 
                       "--run-dir", tmp_path / "run", f"train.data={corpus}", *TRAIN)  # a shape-keeping override is fine
     assert code == 2 and "train.trainable pattern 'nothing.*' matches no parameter" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_lora_fine_tune_merges_into_weights_hugging_face_loads(hf_dir, corpus, tmp_path, capsys):
+    """The issue's end-to-end path: import -> LoRA fine-tune (only the adapters move, the loss falls)
+    -> merge -> export -> transformers loads it (loading info empty) with the adapted model's logits."""
+    run_dir = tmp_path / "lora"
+    code, err = train(capsys, "--init-from", hf_dir, "--run-dir", run_dir, f"train.data={corpus}", *TRAIN,
+                      "model.lora.rank=4", "model.lora.alpha=8", "train.lr=1e-2",
+                      "model.lora.targets=['layers.*.attn.q_proj', 'layers.*.attn.v_proj', 'layers.*.mlp.down_proj']")
+    assert code == 0, err
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses[-1] < losses[0] - 0.1
+    tuned, _ = load_model(run_dir)
+    source, _ = load_hf(hf_dir)
+    a, b = to_state_dict(tuned), to_state_dict(source)
+    adapters = [k for k in a if ".lora_" in k]
+    assert len(adapters) == 2 * 3 * 2  # A and B on 3 projections in 2 layers
+    for key in b:  # the base weights are frozen: bit-identical to the imported ones
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert any(np.abs(a[k]).max() > 0 for k in adapters if k.endswith("lora_b"))  # B moved off zero
+
+    assert run("convert", [str(run_dir), str(tmp_path / "unmerged"), "--to", "hf"]) == 2  # adapters need --merge-lora
+    assert not (tmp_path / "unmerged").exists()
+    capsys.readouterr()
+    out = tmp_path / "merged"
+    assert run("convert", [str(run_dir), str(out), "--to", "hf", "--merge-lora"]) == 0
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager",
+                                                                 output_loading_info=True)
+    assert not any(info.values()), info
+    tokens = np.random.default_rng(1).integers(0, tuned.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        theirs = hf.eval()(torch.from_numpy(tokens)).logits.numpy()
+    ours = np.asarray(tuned(jnp.asarray(tokens)))  # the adapted model, adapters unmerged
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    base_logits = np.asarray(source(jnp.asarray(tokens)))
+    assert np.abs(ours - base_logits).max() > 1e-3  # the adapters changed the model

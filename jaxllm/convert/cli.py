@@ -45,6 +45,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16"), default=None, help="--to gguf: tensor type (default: float32)")
     p.add_argument("--config", default=None,
                    help="a jaxllm YAML config for sources without one (torch_ref .pt / .safetensors; default: none)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="fold a fine-tuned model's LoRA adapters into its weights (W + alpha/r B A); needed for "
+                        "--to hf and --to gguf, which have no place for adapters (default: keep them)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors (default: off)")
     return p
 
@@ -214,6 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         raise ConversionError(f"--to torch: destination {str(dst)!r} must end in .pt, .pth or .safetensors")
     check_destination(dst)  # before the source is read
     model, tokenizer_dir = read_source(src, args.config)
+    if args.merge_lora:
+        if not model.cfg.lora.rank:
+            raise ConversionError(f"--merge-lora: {str(src)!r} has no LoRA adapters (model.lora.rank is 0)")
+        from jaxllm.convert.state_dict import merge_lora
+
+        model = merge_lora(model)
+    elif model.cfg.lora.rank and args.to in ("hf", "gguf"):
+        raise ConversionError(f"{str(src)!r} has LoRA adapters (model.lora.rank {model.cfg.lora.rank}); add "
+                              f"--merge-lora to fold them into the weights (--to {args.to} has no place for them)")
     family = None
     if args.to == "hf":
         from jaxllm.convert.hf import check_exportable, infer_family

@@ -207,3 +207,24 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict | No
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     config = json.loads(metadata["jaxllm_config"]) if "jaxllm_config" in metadata else None
     return tensors, config
+
+
+def merge_lora(model):
+    """The same function without adapters: each adapted projection's weight becomes
+    W + (alpha / r) B A (torch layout [out, in]), and the config's model.lora is reset. A model
+    without adapters is returned as it is."""
+    import dataclasses
+
+    from jaxllm.config import LoRAConfig
+
+    lora = model.cfg.lora
+    if not lora.rank:
+        return model
+    sd = to_state_dict(model)
+    scale = lora.alpha / lora.rank
+    for key in [k for k in sd if k.endswith(".lora_a")]:
+        stem = key.removesuffix(".lora_a")
+        a, b = sd.pop(key).astype(np.float64), sd.pop(stem + ".lora_b").astype(np.float64)
+        weight = sd[stem + ".weight"]
+        sd[stem + ".weight"] = (weight.astype(np.float64) + scale * (b @ a)).astype(weight.dtype)
+    return model_from_state_dict(sd, dataclasses.replace(model.cfg, lora=LoRAConfig()))

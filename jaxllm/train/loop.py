@@ -197,8 +197,9 @@ class Trainer:
         config's parameter dtype, laid out like the state)."""
         def merged(state, weights):
             model, optimizer = nnx.merge(self.graphdef, state)
-            nnx.update(model, jax.tree.map(lambda w, v: w.astype(v.dtype), weights,
-                                           nnx.state(model, nnx.Any(nnx.Param, Buffer))))
+            variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, Buffer))))
+            for path, var in nnx.to_flat_state(weights):  # (LoRA adapters, absent from the weights, stay new)
+                variables[path][...] = var[...].astype(variables[path].dtype)
             return nnx.state((model, optimizer))
 
         weights = nnx.state(source, nnx.Any(nnx.Param, Buffer))

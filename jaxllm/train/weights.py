@@ -33,8 +33,11 @@ def param_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
 
 
 def first_shape_change(source_cfg, model_cfg) -> str | None:
+    """The first parameter whose shape differs (LoRA adapters the weights lack are new, not changed)."""
     a, b = param_shapes(source_cfg), param_shapes(model_cfg)
     for key in sorted(a.keys() | b.keys()):
+        if key not in a and key.endswith((".lora_a", ".lora_b")):
+            continue
         if a.get(key) != b.get(key):
             return f"parameter {key} {a.get(key) or 'absent'} in the weights, {b.get(key) or 'absent'} with the overrides"
     return None
@@ -57,7 +60,7 @@ def config_from_weights(config_path: str | None, overrides: list[str], init_from
     if (change := first_shape_change(source.cfg, cfg.model)) is not None:
         raise ConfigError(f"{' '.join(model_overrides)}: changes a shape of the weights of {init_from!r} ({change}); "
                           f"with --init-from the model comes from the weights, and only overrides that keep "
-                          f"every shape (dropout, dtype, remat, ...) are allowed")
+                          f"every shape (dropout, dtype, remat, LoRA adapters, ...) are allowed")
     return cfg, source
 
 
