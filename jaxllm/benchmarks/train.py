@@ -78,6 +78,9 @@ def run(argv: list[str]) -> int:
                         help="compute dtype (model.dtype; parameters stay model.param_dtype); torch_ref runs "
                              "under autocast to it")
     parser.add_argument("--no-torch", action="store_true", help="skip torch_ref")
+    parser.add_argument("--memory", action="store_true",
+                        help="only XLA's memory analysis of the compiled train step (state, optimizer, temporaries); "
+                             "no timing (e.g. a LoRA step against a full fine-tune: model.lora.rank=8)")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile (always on a CUDA GPU, unless --no-torch)")
     args = parser.parse_intermixed_args(argv)
@@ -112,6 +115,8 @@ def run(argv: list[str]) -> int:
           f"{dict(mesh.shape)}; {flops / 6e6:.2f}M active params-equivalent; MFU peak "
           f"{'%.0f TFLOP/s per device' % (peak / 1e12) if peak else 'n/a (CPU)'}")
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
+    if args.memory:
+        return memory_report(cfg, mesh, tokens)
     with jax.set_mesh(mesh):
         trainer = Trainer(cfg, mesh)
         rows = [(f"jaxllm (Trainer, {cfg.train.optimizer})", jax_step_time(trainer, tokens, args.warmup, args.steps))]
@@ -128,4 +133,29 @@ def run(argv: list[str]) -> int:
         tps = tokens_per_step / seconds
         mfu = f"{100 * flops * tps / (peak * mesh.size):6.1f}%" if peak else "    n/a"
         print(f"{name:36s} {1000 * seconds:9.2f} {tps:11,.0f} {mfu}")
+    return 0
+
+
+def memory_report(cfg, mesh, tokens) -> int:
+    """XLA's accounting of the compiled train step (`memory_analysis()`), and the state it carries:
+    parameters, optimizer state (what freezing and LoRA shrink), and the step's temporaries."""
+    import jax
+    from flax import nnx
+
+    from jaxllm.train.loop import Trainer
+
+    with jax.set_mesh(mesh):
+        trainer = Trainer(cfg, mesh)
+        compiled = trainer.train_step.lower(trainer.state, trainer.put(tokens)).compile()
+    stats = compiled.memory_analysis()
+    params = sum(x.nbytes for x in jax.tree.leaves(nnx.state(nnx.merge(trainer.graphdef, trainer.state)[0], nnx.Param)))
+    trainable = sum(x.nbytes for x in jax.tree.leaves(nnx.state(nnx.merge(trainer.graphdef, trainer.state)[0],
+                                                                 trainer.wrt)))
+    optimizer = sum(x.nbytes for x in jax.tree.leaves(trainer.state[1]))
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    print(f"parameters {mib(params)} ({mib(trainable)} trainable); optimizer state {mib(optimizer)}")
+    print(f"XLA memory analysis of the step: arguments {mib(stats.argument_size_in_bytes)}, outputs "
+          f"{mib(stats.output_size_in_bytes)}, temporaries {mib(stats.temp_size_in_bytes)}, aliased "
+          f"{mib(stats.alias_size_in_bytes)}; peak estimate (arguments + outputs + temporaries - aliased) "
+          f"{mib(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes)}")
     return 0
