@@ -434,7 +434,16 @@ def _deep_copy(data):
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data: what YAML, JSON (safetensors metadata) and config_from_dict read back
+    to the same config (tuple fields become lists)."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
 
 
 def to_yaml(cfg) -> str:

@@ -15,6 +15,7 @@ from jaxllm.checkpoint import load_model
 from jaxllm.cli import run
 from jaxllm.convert.hf import load_hf
 from jaxllm.convert.state_dict import to_state_dict
+from jaxllm.model import Transformer
 from jaxllm.train.tokenizer import CharTokenizer
 
 torch = pytest.importorskip("torch", reason="the Hugging Face round trip needs torch")
@@ -135,3 +136,47 @@ def test_lora_fine_tune_merges_into_weights_hugging_face_loads(hf_dir, corpus, t
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
     base_logits = np.asarray(source(jnp.asarray(tokens)))
     assert np.abs(ours - base_logits).max() > 1e-3  # the adapters changed the model
+
+
+def test_adapters_alone_save_and_load_in_pefts_layout(hf_dir, tmp_path):
+    """`save_peft` writes what `peft.PeftModel.from_pretrained` applies to the Hugging Face base (the
+    same logits as jaxllm's adapted model), and `load_peft` reads it back into jaxllm exactly."""
+    import dataclasses
+
+    import peft  # a test dependency (pyproject dev extra)
+
+    from flax import nnx
+
+    from jaxllm.config import LoRAConfig
+    from jaxllm.convert import model_from_state_dict
+    from jaxllm.convert.peft import load_peft, save_peft
+
+    base, _ = load_hf(hf_dir)
+    cfg = dataclasses.replace(base.cfg, lora=LoRAConfig(rank=4, alpha=8.0, targets=(
+        "layers.*.attn.q_proj", "layers.*.attn.v_proj", "layers.*.mlp.down_proj")))
+    sd = to_state_dict(base)
+    rng = np.random.default_rng(3)
+    full = to_state_dict(Transformer(cfg, rngs=nnx.Rngs(0)))  # the base's weights, random nonzero adapters
+    for key in full:
+        full[key] = sd[key] if key in sd else (0.3 * rng.standard_normal(full[key].shape)).astype(np.float32)
+    adapted = model_from_state_dict(full, cfg)
+    save_peft(tmp_path / "adapter", adapted)
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    with_adapters = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+    tokens = np.random.default_rng(1).integers(0, base.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        theirs = with_adapters(torch.from_numpy(tokens)).logits.numpy()
+    ours = np.asarray(adapted(jnp.asarray(tokens)))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert np.abs(ours - np.asarray(base(jnp.asarray(tokens)))).max() > 1e-2  # the adapters matter
+
+    back = load_peft(tmp_path / "adapter", base)
+    assert back.cfg.lora.rank == 4
+    got, want = to_state_dict(back), to_state_dict(adapted)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)

@@ -16,7 +16,9 @@ Targets:
           model.safetensors, config.yaml and the source's tokenizer.json;
   torch   DST.pt (torch.save of torch_ref's state_dict) or DST.safetensors (the same file as jaxllm's);
   hf      a directory for transformers.AutoModelForCausalLM.from_pretrained (--family, default: inferred);
-  gguf    a llama.cpp file (--dtype float32 | float16).
+  gguf    a llama.cpp file (--dtype float32 | float16);
+  peft    a fine-tuned model's LoRA adapters alone, as a PEFT adapter directory (adapter_config.json +
+          adapter_model.safetensors) for peft.PeftModel.from_pretrained on the --to hf export of its base.
 Nothing is overwritten: DST must not exist; it is written under a temporary name and renamed into place.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from jaxllm.cli import ArgumentParser
 from jaxllm.errors import ConversionError
 
-TARGETS = ("jaxllm", "torch", "hf", "gguf")
+TARGETS = ("jaxllm", "torch", "hf", "gguf", "peft")
 
 
 def parser() -> ArgumentParser:
@@ -41,7 +43,7 @@ def parser() -> ArgumentParser:
     p.add_argument("dst", help="destination path (must not exist)")
     p.add_argument("--to", required=True, choices=TARGETS, help="target format")
     p.add_argument("--family", choices=FAMILIES, default=None,
-                   help="--to hf: the Hugging Face family (default: inferred from the config)")
+                   help="--to hf / peft: the Hugging Face family (default: inferred from the config)")
     p.add_argument("--dtype", choices=("float32", "float16"), default=None, help="--to gguf: tensor type (default: float32)")
     p.add_argument("--config", default=None,
                    help="a jaxllm YAML config for sources without one (torch_ref .pt / .safetensors; default: none)")
@@ -207,8 +209,10 @@ def writing(dst: Path):
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
-    if args.family is not None and args.to != "hf":
-        raise ConversionError(f"--family applies to --to hf only (got --to {args.to})")
+    if args.family is not None and args.to not in ("hf", "peft"):
+        raise ConversionError(f"--family applies to --to hf and --to peft only (got --to {args.to})")
+    if args.to == "peft" and args.merge_lora:
+        raise ConversionError("--to peft writes the adapters themselves; drop --merge-lora")
     if args.dtype is not None and args.to != "gguf":
         raise ConversionError(f"--dtype applies to --to gguf only (got --to {args.to})")
     if args.to == "gguf" and dst.suffix.lower() != ".gguf":
@@ -241,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             from jaxllm.convert.hf import save_hf
 
             save_hf(dst, model, family=family, tokenizer_dir=tokenizer_dir)
+        elif args.to == "peft":
+            from jaxllm.convert.peft import save_peft
+
+            save_peft(dst, model, family=args.family)
         else:
             from jaxllm.convert.gguf import save_gguf
 
