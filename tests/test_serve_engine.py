@@ -179,3 +179,44 @@ def test_a_tidar_server_refuses_generated_logprobs_but_scores_prompts(tidar_mode
         assert client.get("/health").json()["tokens_per_forward"] >= 1.0
     finally:
         engine.stop()
+
+
+def test_a_hugging_face_chat_template_is_applied(tmp_path):
+    """A directory whose tokenizer_config.json has a chat_template: chat requests are rendered and
+    tokenized by it (transformers' apply_chat_template; no doubled BOS, no plain-template stop)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from jaxllm.serve.api import ChatTemplate
+    from jaxllm.train.tokenizer import load_tokenizer
+
+    chars = list("abcdefghijklmnopqrstuvwxyz .,:\n<>|/")
+    hf = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}},
+                                    unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    hf.decoder = decoders.Fuse()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="PreTrainedTokenizerFast", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        chat_template=template)))
+    assert ChatTemplate.found(tmp_path) and not ChatTemplate.found(tmp_path / "nowhere")
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
+    model = Transformer(config_from_dict({"model": dict(
+        vocab_size=tokenizer.vocab_size, d_model=32, n_layer=2, max_seq_len=64, position=dict(kind="rope"),
+        attention=dict(n_head=4), init_std=0.3)}).model, rngs=nnx.Rngs(0))
+    engine = Engine(model, tokenizer, slots=2, eos_id=2).start()
+    try:
+        client = TestClient(make_app(engine, "hf", ChatTemplate(tmp_path)))
+        out = client.post("/v1/chat/completions", json={"model": "hf", "max_tokens": 8, "temperature": 0,
+                                                        "messages": [{"role": "user", "content": "hi cat"}]}).json()
+        ids = [1] + tokenizer.encode("<|user|>hi cat").tolist() + [2] + tokenizer.encode("<|assistant|>").tolist()
+        assert ids.count(1) == 1  # one BOS
+        alone = generate(model, [ids], max_new_tokens=8, sampling=GREEDY, eos_id=2)[0]
+        expected = tokenizer.decode([t for t in alone if t != 2])
+        assert out["choices"][0]["message"]["content"] == expected
+        assert out["usage"]["prompt_tokens"] == len(ids)
+    finally:
+        engine.stop()

@@ -302,6 +302,10 @@ def assert_one_line_error(code, err, *needles):
     (["train.trainable=[final_norm, 'layer.*']"], ["train.trainable pattern 'layer.*' matches no parameter",
                                                   "layers.0."]),
     (["train.trainable=[]"], ["train.trainable", "non-empty list of glob patterns"]),
+    (["model.lora.rank=4", "model.lora.targets=[layers.*.attn.x_proj]"],
+     ["model.lora.targets pattern 'layers.*.attn.x_proj' matches no projection", "layers.0.attn.q_proj"]),
+    (["model.lora.rank=-1"], ["model.lora.rank=-1", "an integer >= 0"]),
+    (["model.dtype=float16", "train.loss_scale=0.5"], ["train.loss_scale=0.5", "'dynamic', a number >= 1"]),
 ])
 def test_config_mistakes_are_one_line_errors_that_write_nothing(overrides, needles, corpus, tmp_path, capsys):
     code, _, err = cli(["--config", str(ROOT / "configs/tiny-gpt.yaml"), "--run-dir", str(tmp_path / "run"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -163,10 +164,51 @@ class ChatRequest(Common):
 
 
 # ---------------------------------------------------------------------------------------------
-# The chat template of models that bring none (every model jaxllm trains)
+# Chat templates: the model's own, or a plain one for models that bring none (every model jaxllm trains)
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"
+
+
+
+class ChatTemplate:
+    """A model's own chat template (a Hugging Face directory's tokenizer_config.json `chat_template`,
+    Jinja), rendered and tokenized by transformers' `apply_chat_template` with the generation
+    prompt added; its end of turn is the model's EOS, so no extra stop string is needed."""
+
+    stops: tuple[str, ...] = ()
+
+    def __init__(self, directory: str | Path):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
+
+    @staticmethod
+    def found(directory: str | Path) -> bool:
+        import json
+
+        path = Path(directory) / "tokenizer_config.json"
+        try:
+            return bool(json.loads(path.read_text()).get("chat_template"))
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def __call__(self, messages: list[Message]) -> list[int]:
+        """The rendered conversation as token ids (tokenized by transformers, so a template's own BOS
+        is not doubled by the tokenizer's post-processor)."""
+        out = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+                                                 tokenize=True, add_generation_prompt=True)
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        return [int(i) for i in ids]
+
+
+class PlainTemplate:
+    """jaxllm's plain chat template, for models without one (`chat_prompt`)."""
+
+    stops = (CHAT_STOP,)
+
+    def __call__(self, messages: list[Message]) -> str:
+        return chat_prompt(messages)
 
 
 def chat_prompt(messages: list[Message]) -> str:

@@ -34,8 +34,9 @@ log = logging.getLogger("jaxllm.serve")
 class Server:
     """The routes, bound to one engine and the name the model is served under."""
 
-    def __init__(self, engine: Engine, model_name: str):
+    def __init__(self, engine: Engine, model_name: str, chat_template=None):
         self.engine, self.model_name = engine, model_name
+        self.template = chat_template or api.PlainTemplate()
         self.cfg, self.tokenizer = engine.cfg, engine.tokenizer
 
     # -- requests -> engine jobs ---------------------------------------------------------------
@@ -166,8 +167,8 @@ class Server:
 
     async def chat(self, request: Request):
         req = await self.body(request, ChatRequest)
-        ids = self.tokens(api.chat_prompt(req.messages))
-        jobs = [(ids, req.params(self.max_tokens(req.requested_tokens, ids), (api.CHAT_STOP,)))]
+        ids = self.tokens(self.template(req.messages))
+        jobs = [(ids, req.params(self.max_tokens(req.requested_tokens, ids), self.template.stops))]
         self.check_logprobs(req.logprobs, jobs[0][1].max_tokens)
         rid, created = api.new_id("chatcmpl"), api.now()
 
@@ -263,8 +264,9 @@ async def _server_error(request: Request, e: Exception):
                         status_code=500)
 
 
-def make_app(engine: Engine, model_name: str) -> Starlette:
-    server = Server(engine, model_name)
+def make_app(engine: Engine, model_name: str, chat_template=None) -> Starlette:
+    """The app; `chat_template` renders chat messages (default: jaxllm's plain template)."""
+    server = Server(engine, model_name, chat_template)
     routes = [Route("/v1/completions", server.completions, methods=["POST"]),
               Route("/v1/chat/completions", server.chat, methods=["POST"]),
               Route("/v1/models", server.models, methods=["GET"]),

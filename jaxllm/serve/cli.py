@@ -117,7 +117,13 @@ def main(argv: list[str]) -> int:
     engine.warm_up()
     engine.start()
     model_name = args.model_name or name
+    template = None
+    if args.hf is not None:
+        from jaxllm.serve.api import ChatTemplate
+
+        template = ChatTemplate(args.hf) if ChatTemplate.found(args.hf) else None
     spec = "" if block is None else f", TiDAR self-speculation (block {block}, beta {beta})"
+    spec += ", the model's chat template" if template is not None else ""
     print(f"jaxllm serve: {model_name!r} ({model.cfg.n_layer} layers, width {model.cfg.d_model}, context "
           f"{model.cfg.max_seq_len}), {args.slots} slots{spec}, on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
@@ -126,7 +132,7 @@ def main(argv: list[str]) -> int:
     # handler it found: this one records it, and the server exits 0 (jaxllm.cli's would exit 128 + n)
     with signal_handler(lambda signum, frame: stopped_by.append(signal.Signals(signum).name)):
         try:
-            uvicorn.run(make_app(engine, model_name), host=args.host, port=args.port, log_level="warning",
+            uvicorn.run(make_app(engine, model_name, template), host=args.host, port=args.port, log_level="warning",
                         timeout_graceful_shutdown=10)
         finally:
             engine.stop()
