@@ -341,7 +341,7 @@ CASES = [
     row("convert-src-missing", ["convert", "{ws}/nope.safetensors", "{case}/x.pt", "--to", "torch"], "does not exist"),
     row("convert-src-corrupt", ["convert", "{corrupt}", "{case}/x.pt", "--to", "torch"], "not a readable safetensors"),
     row("convert-family-without-hf", [*CONVERT_TO, "{case}/x.pt", "--to", "torch", "--family", "llama"],
-        "--family applies to --to hf only"),
+        "--family applies to --to hf and --to peft only"),
     row("convert-family-cannot-express", [*CONVERT_TO, "{case}/hf", "--to", "hf", "--family", "gpt2"],
         "gpt2 cannot express"),
     row("convert-config-not-utf8", ["convert", "{no-config}", "{case}/x.pt", "--to", "torch", "--config", "{bad-utf8-yaml}"],
