@@ -56,18 +56,31 @@ def train(capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def fine_tuned(capsys, hf_dir, run_dir, corpus, *overrides) -> tuple[list[float], object, object]:
+    """Train from the HF weights: (the logged losses, the trained model, the imported one)."""
+    code, err = train(capsys, "--init-from", hf_dir, "--run-dir", run_dir, f"train.data={corpus}", *TRAIN, *overrides)
+    assert code == 0, err
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r], load_model(run_dir)[0], load_hf(hf_dir)[0]
+
+
+def hf_logits_match(path, model) -> None:
+    """transformers loads `path` with nothing missing or unexpected, and its logits are `model`'s."""
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                                                 output_loading_info=True)
+    assert not any(info.values()), info
+    tokens = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        theirs = hf.eval()(torch.from_numpy(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), theirs, atol=1e-4, rtol=1e-4)
+
+
 def test_import_fine_tune_export_round_trip(hf_dir, corpus, tmp_path, capsys):
     run_dir = tmp_path / "ft"
-    code, err = train(capsys, "--init-from", hf_dir, "--run-dir", run_dir, f"train.data={corpus}", *TRAIN)
-    assert code == 0, err
+    losses, tuned, source = fine_tuned(capsys, hf_dir, run_dir, corpus)
     saved = (run_dir / "config.yaml").read_text()
     assert f"init_from: {hf_dir}" in saved and str(hf_dir / "tokenizer.json") in saved  # where it started
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
     assert losses[-1] < losses[0] - 0.2
-
-    tuned, _ = load_model(run_dir)
-    source, _ = load_hf(hf_dir)
     a, b = to_state_dict(tuned), to_state_dict(source)
     assert a.keys() == b.keys() and tuned.cfg.vocab_size == source.cfg.vocab_size == len(CHARS) + 3
     moved = sum(np.linalg.norm(a[k] - b[k]) for k in a) / sum(np.linalg.norm(b[k]) for k in a)
@@ -75,14 +88,7 @@ def test_import_fine_tune_export_round_trip(hf_dir, corpus, tmp_path, capsys):
 
     out = tmp_path / "exported"
     assert run("convert", [str(run_dir), str(out), "--to", "hf"]) == 0
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager",
-                                                                 output_loading_info=True)
-    assert not any(info.values()), info
-    tokens = np.random.default_rng(1).integers(0, tuned.cfg.vocab_size, (2, 24))
-    with torch.no_grad():
-        theirs = hf.eval()(torch.from_numpy(tokens)).logits.numpy()
-    ours = np.asarray(tuned(jnp.asarray(tokens)))
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    hf_logits_match(out, tuned)
 
 
 def test_bad_init_from_is_one_line_and_writes_nothing(hf_dir, corpus, tmp_path, capsys):
@@ -105,15 +111,10 @@ def test_lora_fine_tune_merges_into_weights_hugging_face_loads(hf_dir, corpus, t
     """The issue's end-to-end path: import -> LoRA fine-tune (only the adapters move, the loss falls)
     -> merge -> export -> transformers loads it (loading info empty) with the adapted model's logits."""
     run_dir = tmp_path / "lora"
-    code, err = train(capsys, "--init-from", hf_dir, "--run-dir", run_dir, f"train.data={corpus}", *TRAIN,
-                      "model.lora.rank=4", "model.lora.alpha=8", "train.lr=1e-2",
-                      "model.lora.targets=['layers.*.attn.q_proj', 'layers.*.attn.v_proj', 'layers.*.mlp.down_proj']")
-    assert code == 0, err
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    losses, tuned, source = fine_tuned(
+        capsys, hf_dir, run_dir, corpus, "model.lora.rank=4", "model.lora.alpha=8", "train.lr=1e-2",
+        "model.lora.targets=['layers.*.attn.q_proj', 'layers.*.attn.v_proj', 'layers.*.mlp.down_proj']")
     assert losses[-1] < losses[0] - 0.1
-    tuned, _ = load_model(run_dir)
-    source, _ = load_hf(hf_dir)
     a, b = to_state_dict(tuned), to_state_dict(source)
     adapters = [k for k in a if ".lora_" in k]
     assert len(adapters) == 2 * 3 * 2  # A and B on 3 projections in 2 layers
@@ -126,16 +127,9 @@ def test_lora_fine_tune_merges_into_weights_hugging_face_loads(hf_dir, corpus, t
     capsys.readouterr()
     out = tmp_path / "merged"
     assert run("convert", [str(run_dir), str(out), "--to", "hf", "--merge-lora"]) == 0
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager",
-                                                                 output_loading_info=True)
-    assert not any(info.values()), info
+    hf_logits_match(out, tuned)  # the adapted model, adapters unmerged
     tokens = np.random.default_rng(1).integers(0, tuned.cfg.vocab_size, (2, 24))
-    with torch.no_grad():
-        theirs = hf.eval()(torch.from_numpy(tokens)).logits.numpy()
-    ours = np.asarray(tuned(jnp.asarray(tokens)))  # the adapted model, adapters unmerged
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
-    base_logits = np.asarray(source(jnp.asarray(tokens)))
-    assert np.abs(ours - base_logits).max() > 1e-3  # the adapters changed the model
+    assert np.abs(np.asarray(tuned(tokens)) - np.asarray(source(tokens))).max() > 1e-3  # the adapters changed it
 
 
 def test_adapters_alone_save_and_load_in_pefts_layout(hf_dir, tmp_path):

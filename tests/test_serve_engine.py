@@ -28,6 +28,31 @@ def model_for(**fields) -> Transformer:
     return Transformer(config_from_dict({"model": {**base, **fields}}).model, rngs=nnx.Rngs(0))
 
 
+def ask_concurrently(engine, jobs) -> list[dict]:
+    """Each job (prompt, max_tokens, sampling, seed) from its own thread at once; their results in order."""
+    results, errors = {}, []
+
+    def ask(i, prompt, n, sampling, seed):
+        try:
+            results[i] = wait_for(engine, TOKENIZER.encode(prompt).tolist(), Params(n, sampling, seed=seed))[0]
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    return [results[i] for i in range(len(jobs))]
+
+
+def alone(model, prompt: str, n: int, sampling=GREEDY, seed: int = 0, **kwargs) -> str:
+    """What `generate` decodes for one request by itself, as text."""
+    ids = generate(model, [TOKENIZER.encode(prompt).tolist()], max_new_tokens=n, sampling=sampling, seed=seed, **kwargs)
+    return TOKENIZER.decode(ids[0])
+
+
 KINDS = {
     "gqa": {},
     "window": dict(attention=dict(n_head=4, n_kv_head=2, window=8)),
@@ -45,25 +70,11 @@ def test_concurrent_requests_decode_as_they_would_alone(kind, steps):
     model = model_for(**KINDS[kind])
     engine = Engine(model, TOKENIZER, slots=3, steps_per_call=steps).start()
     try:
-        results, errors = {}, []
         jobs = [(p, 6 + 2 * i, GREEDY if i % 2 else Sampling(temperature=0.8, top_k=12), i)  # one decode bucket
                 for i, p in enumerate(PROMPTS[:5])]
-
-        def ask(i, prompt, n, sampling, seed):
-            try:
-                results[i] = wait_for(engine, TOKENIZER.encode(prompt).tolist(), Params(n, sampling, seed=seed))[0]
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        assert not errors, errors
-        for i, (prompt, n, sampling, seed) in enumerate(jobs):
-            alone = generate(model, [TOKENIZER.encode(prompt).tolist()], max_new_tokens=n, sampling=sampling, seed=seed)[0]
-            assert results[i]["text"] == TOKENIZER.decode(alone), (kind, prompt)
+        results = ask_concurrently(engine, jobs)
+        for i, job in enumerate(jobs):
+            assert results[i]["text"] == alone(model, *job), (kind, job[0])
             assert results[i]["finish"] == "length"
     finally:
         engine.stop()
@@ -134,24 +145,10 @@ def test_tidar_self_speculation_serves_what_generate_decodes(tidar_model):
     model = tidar_model
     engine = Engine(model, TOKENIZER, slots=2, steps_per_call=2, speculative=TiDAR(4, 1.0)).start()
     try:
-        results, errors = {}, []
-        jobs = [(p, 6 + 3 * i) for i, p in enumerate(PROMPTS[:4])]
-
-        def ask(i, prompt, n):
-            try:
-                results[i] = wait_for(engine, TOKENIZER.encode(prompt).tolist(), Params(n, GREEDY))[0]
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        assert not errors, errors
-        for i, (prompt, n) in enumerate(jobs):
-            alone = generate(model, [TOKENIZER.encode(prompt).tolist()], max_new_tokens=n, sampling=GREEDY)[0]
-            assert results[i]["text"] == TOKENIZER.decode(alone) and results[i]["finish"] == "length"
+        jobs = [(p, 6 + 3 * i, GREEDY, 0) for i, p in enumerate(PROMPTS[:4])]
+        results = ask_concurrently(engine, jobs)
+        for i, job in enumerate(jobs):
+            assert results[i]["text"] == alone(model, *job) and results[i]["finish"] == "length"
         sampling = Sampling(temperature=0.9)
         ids = TOKENIZER.encode("the cat").tolist()
         drawn = wait_for(engine, ids, Params(12, sampling, seed=5))[0]["text"]
