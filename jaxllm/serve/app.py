@@ -217,6 +217,8 @@ class Server:
                     yield f"data: {json.dumps(chunk([choice(event)]))}\n\n"
                 if include_usage:
                     yield f"data: {json.dumps(chunk([], self.usage(jobs, generated)))}\n\n"
+            except BadRequest as e:  # the queue filled between the check below and the submit
+                yield f"data: {json.dumps(api.error_body(e.message, e.kind, e.param))}\n\n"
             except RuntimeError as e:
                 yield f"data: {json.dumps(api.error_body(str(e), 'server_error'))}\n\n"
             yield "data: [DONE]\n\n"
