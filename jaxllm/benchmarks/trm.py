@@ -41,6 +41,11 @@ def run(argv: list[str]) -> int:
                              "(repeatable; default: none)")
     parser.add_argument("--depths", type=depth_pairs, default=None,
                         help="test-time T x n pairs besides the trained one, e.g. 1x3,2x6 (default: none)")
+    parser.add_argument("--step", type=positive_int, default=None,
+                        help="the run's checkpoint step (default: the latest); with --baseline-step, a comparison at "
+                             "an earlier point of both runs")
+    parser.add_argument("--baseline-step", type=positive_int, default=None,
+                        help="the baselines' checkpoint step (default: their latest)")
     parser.add_argument("--puzzles", default=None, help="puzzle file (default: the run's train.data)")
     parser.add_argument("--limit", type=positive_int, default=None, help="first N test puzzles only (default: all)")
     parser.add_argument("--batch", type=positive_int, default=250, help="puzzles per forward (default: 250)")
@@ -54,7 +59,7 @@ def run(argv: list[str]) -> int:
     from jaxllm.tasks.maze import difficulty, load_puzzles
     from jaxllm.train.trm import evaluate, load_trm
 
-    model, step, cfg = load_trm(Path(args.run_dir))
+    model, step, cfg = load_trm(Path(args.run_dir), args.step)
     puzzles = load_puzzles(args.puzzles or cfg.train.data)
     if puzzles.seq_len != cfg.model.max_seq_len:
         from jaxllm.errors import DataError
@@ -90,7 +95,7 @@ def run(argv: list[str]) -> int:
 
     baselines = {}
     for other in args.baseline:
-        b_model, b_step, b_cfg = load_trm(Path(other))
+        b_model, b_step, b_cfg = load_trm(Path(other), args.baseline_step)
         b_solve = jax.jit(lambda tokens, m=b_model, **kw: solve(m, tokens, **kw), static_argnames=("n_sup",))
         baselines[other] = evaluate(b_solve, inputs, labels, args.batch, b_cfg.model.trm.n_sup)
         bt = b_cfg.model.trm
