@@ -347,12 +347,18 @@ def _coerce(value, tp, path: str):
     raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected {type_name(tp)}")
 
 
+# Fields that live elsewhere than a reader might look (the issue texts used these names).
+_MOVED = {"train.lora": "model.lora (LoRA adapters are model parameters: model.lora.rank, alpha, targets)"}
+
+
 def _build(cls, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if key not in hints and path in _MOVED:
+            raise ConfigError(f"unknown field {path!r}; it is {_MOVED[path]}")
         if key not in hints:
             raise ConfigError(f"unknown field {path!r}; allowed: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], path)

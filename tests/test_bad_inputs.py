@@ -271,6 +271,7 @@ CASES = [
                                 "{seq_len: 16, batch_size: 8}]"], "train.curriculum[0].until_ppl: got inf"),
     row("train-batch-size-0", ["train", "--config", "{gpt}", "train.batch_size=0"], "train.batch_size=0 is invalid"),
     row("train-unknown-field", ["train", "--config", "{gpt}", "model.colour=1"], "unknown field 'model.colour'"),
+    row("train-lora-moved", ["train", "--config", "{gpt}", "--train.lora.rank=8"], "it is model.lora"),
     row("train-override-without-value", ["train", "--config", "{gpt}", "model.n_layer"], "expected key=value"),
     row("train-process-id-not-int", ["train", "--process-id", "x"], "argument --process-id"),
     # sample: settings (checked before the model is loaded), prompt files, sources
