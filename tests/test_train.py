@@ -415,6 +415,45 @@ def test_tidar_run_reserves_a_mask_id_the_tokenizer_never_produces(corpus, tmp_p
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
+def test_a_tidar_run_validates_its_drafter_too(corpus, tmp_path):
+    """A TiDAR model's validation records the drafter's (diffusion) loss beside the AR loss, equal to
+    torch_ref's diffusion loss on the same weights and batches; a plain model records no such key."""
+    import torch
+
+    from jaxllm.convert import to_state_dict
+    from jaxllm.config import to_dict
+    from torch_ref.model import Transformer as TorchTransformer
+
+    cfg = load_config(ROOT / "configs/tiny-tidar.yaml", [*SMALL, "train.max_steps=3", "train.warmup_steps=0"])
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, cfg.model.vocab_size - 1, (8, 33), dtype=np.int32) for _ in range(2)]
+    mesh = make_mesh("data:1", jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        trainer = Trainer(cfg, mesh)
+        for batch in batches:
+            trainer.state, *_ = trainer.train_step(trainer.state, trainer.put(batch))
+        losses = trainer.evaluate(batches)
+        model = trainer.eval_model(trainer.state)
+    reference = TorchTransformer(to_dict(cfg.model)).eval()
+    reference.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in to_state_dict(model).items()})
+    with torch.no_grad():
+        parts = [reference.tidar_losses(*(torch.from_numpy(b).long() for b in (b[:, :-1], b[:, 1:]))) for b in batches]
+    ar, diffusion = (float(np.mean([float(p[i]) for p in parts])) for i in (1, 2))
+    assert set(losses) == {"val_loss", "val_diffusion_loss"}
+    np.testing.assert_allclose(losses["val_loss"], ar, rtol=1e-5)
+    np.testing.assert_allclose(losses["val_diffusion_loss"], diffusion, rtol=1e-5)
+    assert abs(ar - diffusion) > 1e-3  # the two are different quantities
+
+    run_cfg = load_config(ROOT / "configs/tiny-tidar.yaml", [*SMALL, f"train.data={corpus}", "train.max_steps=2",
+                                                             "train.eval_every=2", "train.warmup_steps=0"])
+    train(run_cfg, tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if np.isfinite(r.get("val_diffusion_loss", np.nan))] == [2]
+    with jax.set_mesh(mesh):
+        plain = Trainer(cfg_for(corpus), mesh)
+        assert set(plain.evaluate(batches[:1])) == {"val_loss"}
+
+
 def test_the_sample_command_reads_a_run_directory(finished_run, capsys):
     run_dir, _ = finished_run
     argv = ["--run", str(run_dir), "--prompt", "the quick", "--temperature", "0", "--max-new-tokens", "10", "--no-stream"]

@@ -42,7 +42,7 @@ from jaxllm.config import Config, ModelConfig, to_dict, to_yaml
 from jaxllm.errors import ConfigError, DataError, TrainingError
 from jaxllm.files import FileLock, atomic_write
 from jaxllm.metrics import flops_per_token, peak_flops
-from jaxllm.model import Transformer, lm_loss, next_token_loss
+from jaxllm.model import Transformer, lm_loss, next_token_loss, tidar_losses
 from jaxllm.model.params import Buffer
 from jaxllm.model.transformer import abstract_model
 from jaxllm.model.moe import pop_expert_load, update_router_bias
@@ -236,16 +236,23 @@ class Trainer:
         model.eval()
         return model
 
-    def _eval_step(self, state, batch):
-        return next_token_loss(self.eval_model(state), batch[:, :-1], batch[:, 1:], chunk=self.cfg.train.loss_chunk)
+    def _eval_step(self, state, batch) -> dict:
+        """{"val_loss": next-token loss}, and for a TiDAR model also its drafter's loss
+        ("val_diffusion_loss": every token masked, as in training), so the drafter can be watched."""
+        model, tokens, targets, chunk = self.eval_model(state), batch[:, :-1], batch[:, 1:], self.cfg.train.loss_chunk
+        losses = {"val_loss": next_token_loss(model, tokens, targets, chunk=chunk)}
+        if self.cfg.model.diffusion.enabled:
+            losses["val_diffusion_loss"] = tidar_losses(model, tokens, targets, chunk)[2]
+        return losses
 
     def put(self, batch: np.ndarray) -> jax.Array:
         """This host's rows of the global batch -> one array split over the data and fsdp axes."""
         return jax.make_array_from_process_local_data(self.batch_sharding, batch)
 
-    def evaluate(self, batches) -> float:
-        losses = [self.eval_step(self.state, self.put(b)) for b in batches]
-        return float(np.mean(jax.device_get(losses)))
+    def evaluate(self, batches) -> dict[str, float]:
+        """Mean validation losses over `batches`: "val_loss" (+ "val_diffusion_loss" for TiDAR)."""
+        losses = jax.device_get([self.eval_step(self.state, self.put(b)) for b in batches])
+        return {key: float(np.mean([x[key] for x in losses])) for key in losses[0]}
 
 
 def continue_text(model, tokenizer, prompt: str, n_tokens: int, temperature: float, seed: int) -> str:
@@ -542,9 +549,11 @@ class Run:
 
     def evaluate(self) -> dict:
         """Validation loss and perplexity; at or below the stage's until_ppl, the next curriculum stage."""
-        val_loss = self.trainer.evaluate(self.evals)
-        record = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-        self.say(f"step {self.step}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}")
+        losses = self.trainer.evaluate(self.evals)
+        val_loss = losses["val_loss"]
+        record = {"step": self.step, **losses, "val_ppl": math.exp(min(val_loss, 50))}
+        drafter = f", drafter (diffusion) loss {losses['val_diffusion_loss']:.4f}" if "val_diffusion_loss" in losses else ""
+        self.say(f"step {self.step}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}{drafter}")
         threshold = self.plan[self.stage_index].until_ppl
         if threshold is not None and record["val_ppl"] <= threshold:
             self._enter_stage(self.stage_index + 1)

@@ -30,17 +30,20 @@ class MetricsLog:
             f.write(_dumps(record) + "\n")
 
     def plot(self, path: Path, title: str = "") -> None:
-        """Train and validation loss against step, written to a temporary name and renamed."""
+        """Train and validation loss against step (and a TiDAR model's drafter loss), written to a
+        temporary name and renamed. A TiDAR model's train loss is (alpha AR + diffusion) / (1 + alpha);
+        its validation loss is the AR half alone."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for key, label in (("loss", "train"), ("val_loss", "validation")):
+        for key, label in (("loss", "train"), ("val_loss", "validation"),
+                           ("val_diffusion_loss", "validation, TiDAR drafter")):
             points = [(r["step"], r[key]) for r in self.records if r.get(key) is not None and math.isfinite(r[key])]
             if points:
-                ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
+                ax.plot(*zip(*points), label=label, marker=None if key == "loss" else "o")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(title)
