@@ -39,7 +39,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, or the one beside --checkpoint)")
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", default=None, help="the prompt text (a literal \\n is a newline)")
-    prompts.add_argument("--prompt-file", default=None, help="a file of prompts, one per line, decoded as one batch")
+    prompts.add_argument("--prompt-file", default=None,
+                         help="a file of prompts, one per line (a literal \\n is a newline), decoded as one batch")
     prompts.add_argument("--interactive", action="store_true", help="a prompt loop; /help lists its commands")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
@@ -77,6 +78,7 @@ class Loaded:
     tokenizer: object
     model: object  # a jaxllm Transformer or a torch_ref Transformer
     engine: str
+    trained_len: int | None = None  # the longest training sequence, when the weights come from a run
 
 
 MAX_SEED = 2**63 - 1  # jax.random.key takes an int64
@@ -118,6 +120,8 @@ def load(args) -> Loaded:
         model = load_model(run_dir, args.step)[0]  # the parameters only, sharded like training
         tokenizer = _tokenizer(Path(args.tokenizer) if args.tokenizer else run_dir / "tokenizer.json")
         cfg, state_dict = model.cfg, None
+        trained = load_config(run_dir / "config.yaml").train
+        trained_len = max([trained.seq_len, *(stage.seq_len for stage in trained.curriculum or [])])
     else:
         from jaxllm.convert import load_safetensors, model_from_state_dict
 
@@ -149,7 +153,7 @@ def load(args) -> Loaded:
         model = torch_model.eval()
     else:
         model.eval()
-    return Loaded(cfg, tokenizer, model, args.engine)
+    return Loaded(cfg, tokenizer, model, args.engine, trained_len if args.run is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +219,17 @@ class Settings:
     beta: float = 1.0
 
 
+def warn_past_training_length(loaded: Loaded, length: int) -> None:
+    """A one-line note on stderr when decoding reaches positions the run never trained on (and no
+    sliding window of at most the trained length bounds what attention sees): past them the output
+    quietly degrades (untrained learned positions, RoPE extrapolation)."""
+    window = loaded.cfg.attention.window
+    if loaded.trained_len is None or length <= loaded.trained_len or (window is not None and window <= loaded.trained_len):
+        return
+    print(f"note: prompt + max-new-tokens reach {length} tokens, past the {loaded.trained_len}-token sequences this "
+          f"model was trained on; text past position {loaded.trained_len} may degrade", file=sys.stderr)
+
+
 def decode_texts(loaded: Loaded, texts: list[str], settings: Settings, *, stops: list[str], eos_id: int | None,
                  cached: bool, stream: bool) -> list[str]:
     """The continuations of `texts` (prompt excluded), truncated after a stop string. stream: row 0's
@@ -226,6 +241,7 @@ def decode_texts(loaded: Loaded, texts: list[str], settings: Settings, *, stops:
     sampling = Sampling(settings.temperature, settings.top_k, settings.top_p, settings.min_p,
                         settings.repetition_penalty).validate()
     validate_request(loaded.cfg, prompts, settings.max_new_tokens, eos_id)
+    warn_past_training_length(loaded, max(map(len, prompts)) + settings.max_new_tokens)
     stop_ids = [encode_prompt(tok, s) for s in stops]
     printer = StreamPrinter(tok, stops) if stream else None
     if stream:  # the prompt first, once it is known to be decodable
@@ -354,7 +370,8 @@ def main(argv: list[str]) -> int:
     if args.prompt_file is not None:
         from jaxllm.files import read_text
 
-        texts = [line for line in read_text(args.prompt_file, "prompt file").split("\n") if line.strip()]
+        lines = read_text(args.prompt_file, "prompt file").split("\n")
+        texts = [line.replace("\\n", "\n") for line in lines if line.strip()]  # a literal \n: as --prompt
         if not texts:
             raise DataError(f"prompt file {str(args.prompt_file)!r} holds no prompt (one per line)")
     elif args.prompt is not None:

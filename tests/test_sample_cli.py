@@ -54,13 +54,13 @@ def test_greedy_text_streams_the_decoded_continuation(checkpoint, capsys):
 def test_a_prompt_file_is_one_batch_and_stop_strings_cut_the_text(checkpoint, capsys, tmp_path):
     path, model, tokenizer = checkpoint
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("the cat\nhello world\n", encoding="utf-8")
+    prompts.write_text("the cat\nhello\\nworld\n", encoding="utf-8")  # a literal \n in a line is a newline
     code, out, err = sample(capsys, "--checkpoint", path, "--prompt-file", prompts, "--temperature", "0",
                             "--max-new-tokens", "12")
     assert code == 0, err
-    rows = [tokenizer.decode(r) for r in generate(model, [tokenizer.encode(p) for p in ("the cat", "hello world")],
+    rows = [tokenizer.decode(r) for r in generate(model, [tokenizer.encode(p) for p in ("the cat", "hello\nworld")],
                                                     max_new_tokens=12)]
-    assert out == f"--- prompt 0 ---\nthe cat{rows[0]}\n--- prompt 1 ---\nhello world{rows[1]}\n"
+    assert out == f"--- prompt 0 ---\nthe cat{rows[0]}\n--- prompt 1 ---\nhello\nworld{rows[1]}\n"
     stop = rows[0][3:5]
     code, out, _ = sample(capsys, "--checkpoint", path, "--prompt", "the cat", "--temperature", "0",
                           "--max-new-tokens", "12", "--stop", stop)

@@ -458,13 +458,16 @@ def test_the_sample_command_reads_a_run_directory(finished_run, capsys):
     run_dir, _ = finished_run
     argv = ["--run", str(run_dir), "--prompt", "the quick", "--temperature", "0", "--max-new-tokens", "10", "--no-stream"]
     assert run("sample", argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "note:" not in err  # 9 + 10 tokens: inside the trained length
     assert out.startswith("the quick") and out.endswith("\n") and len(out) - 1 == len("the quick") + 10
     assert run("sample", [*argv, "--engine", "torch"]) == 0  # torch_ref on the run's weights: the same greedy text
     assert capsys.readouterr().out == out
     step = max((p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()), key=int)
     assert run("sample", ["--checkpoint", str(run_dir / "checkpoints" / step), *argv[2:]]) == 0  # a step directory
     assert capsys.readouterr().out == out
+    assert run("sample", [*argv[:-3], "--max-new-tokens", "24", "--no-stream"]) == 0  # 9 + 24 > 32 trained
+    assert "past the 32-token sequences this model was trained on" in capsys.readouterr().err
     code = run("sample", [*argv, "--step", "5"])
     assert_one_line_error(code, capsys.readouterr().err, "no checkpoint at step 5", "it has steps")
 
