@@ -366,6 +366,8 @@ CASES = [
         "--seq 100000 is longer than model.max_seq_len (256)"),
     row("bench-train-warmup-negative", ["bench", "train", "--config", "{gpt}", "--warmup", "-1", "--no-torch"], "--warmup -1 is invalid"),
     row("bench-moe-batch-0", ["bench", "moe", "--batch", "0"], "argument --batch: 0 is invalid; allowed: an integer >= 1"),
+    row("bench-decode-step-without-run", ["bench", "decode", "--config", "{gpt}", "--step", "5", "--no-torch", "--no-hf"],
+        "--step goes with --run"),
     row("bench-moe-steps-0", ["bench", "moe", "--steps", "0"], "argument --steps: 0 is invalid"),
     row("bench-moe-seq-too-long", ["bench", "moe", "--seq", "100000"],
         "--seq 100000 is longer than model.max_seq_len (1024)"),

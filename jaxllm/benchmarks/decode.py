@@ -168,6 +168,7 @@ def run(argv: list[str]) -> int:
                                 ("--runs", 3, "timed runs; the median is reported")):
         parser.add_argument(flag, type=positive_int, default=default, help=f"{what} (default: {default})")
     parser.add_argument("--run", default=None, metavar="DIR", help="trained weights: a run directory (default: random)")
+    parser.add_argument("--step", type=int, default=None, help="with --run: the checkpoint step (default: the latest)")
     parser.add_argument("--prompt-text", default=None, metavar="FILE",
                         help="with --run: prompts are slices of this text, encoded with the run's tokenizer")
     parser.add_argument("--speculative", choices=["tidar"], default=None, help="also time TiDAR decoding")
@@ -188,6 +189,8 @@ def run(argv: list[str]) -> int:
     from jaxllm.model import Transformer
 
     overrides = list(args.overrides) + ([f"model.dtype={args.dtype}"] if args.dtype else [])
+    if args.step is not None and args.run is None:
+        raise ConfigError("--step goes with --run (the run whose checkpoint to load)")
     if args.run is not None:
         if overrides:
             raise ConfigError("--run uses the run's own config; drop the overrides and --dtype")
@@ -214,7 +217,7 @@ def run(argv: list[str]) -> int:
     else:
         from jaxllm.checkpoint import load_model
 
-        model, _ = load_model(Path(args.run))
+        model, _ = load_model(Path(args.run), args.step)
     state_dict = to_state_dict(model)
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}")
