@@ -130,3 +130,16 @@ def test_moe_and_recursion_benchmarks_take_the_same_options_and_overrides(sectio
 
     with pytest.raises(ConfigError, match="model.colour"):  # a bad override is a user error, before any work
         run([*argv, "model.colour=1"])
+
+
+def test_the_gpu_script_refuses_an_unknown_part_before_writing_anything(tmp_path):
+    """scripts/gpu_check.sh (the prepared GPU session): a mistyped part is one line, exit 2, no logs."""
+    import os
+    import subprocess
+
+    out = tmp_path / "logs"
+    result = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), "train", "decod"], capture_output=True,
+                            text=True, env={**os.environ, "OUT": str(out), "PY": "false"}, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "gpu_check.sh: unknown part 'decod'; allowed: train decode tidar moe scan"
+    assert not out.exists()

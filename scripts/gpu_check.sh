@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU figures BENCHMARKS.md still lacks (issues 12 and 13), prepared so that a session lent a
+# GPU spends its few minutes measuring rather than typing. Each part is one `scripts/bench.py` run;
+# its whole output goes to $OUT/<part>.log (default ./gpu_logs) and its last lines to
+# $OUT/summary.txt. Parts run in the order given; the default is all of them.
+#
+#   bash scripts/gpu_check.sh train decode     # ~5-6 min on an H100/H200 (two compiles, torch.compile)
+#   bash scripts/gpu_check.sh tidar moe scan   # ~3-4 min
+#
+# Through the device tool (10 minutes a command, 15 minutes of device time a session, the start
+# included): run the two lines above as two calls, with timeout_s 420 and 300. Needs jax with CUDA,
+# flax, optax, orbax, torch (and transformers for the HF decode peer); not grain or wandb.
+#
+#   train   llama-374m bf16, batch 16 x 1024: jaxllm's step (MFU), torch_ref eager and torch.compile
+#           (issue 13: >= 50% MFU; torch.compile peer 35.8%, DESIGN.md).
+#   decode  llama-374m bf16, batch 1 and 32: jaxllm, torch_ref, HF static cache
+#           (issue 13: <= 1.0 ms/token at batch 1, >= 25k tokens/s at batch 32).
+#   tidar   the cost of a TiDAR step against a one-token step on the GPU (random weights, so the
+#           tokens per forward are ~1; the trained figure is the CPU's: BENCHMARKS.md) (issue 12).
+#   moe     grouped (ragged_dot) against dense MoE dispatch on seed002-customllm.
+#   scan    llama-374m with model.scan_layers false, then true: each run's wall time (mostly compilation)
+#           and step time, to choose the default (issue 13).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_logs}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1  # JAX and torch share the GPU
+PY=${PY:-python}
+SUMMARY="$OUT/summary.txt"
+
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, keep the log, summarise
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date -u +%H:%M:%S)): $*" | tee -a "$SUMMARY"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "-- $name: exit $rc after $((SECONDS - start)) s" | tee -a "$SUMMARY"
+    grep -v -i "warning" "$OUT/$name.log" | tail -n 14 >>"$SUMMARY"
+}
+
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(train decode tidar moe scan)
+for p in "${parts[@]}"; do
+    case $p in
+        train | decode | tidar | moe | scan) ;;
+        *) echo "gpu_check.sh: unknown part '$p'; allowed: train decode tidar moe scan" >&2; exit 2 ;;
+    esac
+done
+mkdir -p "$OUT"
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+    $PY -c "import jax, flax, optax, torch; print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, \
+'| optax', optax.__version__, '| torch', torch.__version__, torch.cuda.is_available())" 2>&1
+    git log -1 --format='commit %h %s' 2>/dev/null
+} >>"$SUMMARY"
+
+for p in "${parts[@]}"; do
+    case $p in
+        train) part train 330 $PY scripts/bench.py train --config configs/llama-374m.yaml --dtype bfloat16 \
+                   --batch 16 --seq 1024 --steps 10 --warmup 3 --compile ;;
+        decode) part decode 240 $PY scripts/bench.py decode --config configs/llama-374m.yaml --dtype bfloat16 \
+                    --batch 1,32 ;;
+        tidar) part tidar 120 $PY scripts/bench.py decode --config configs/llama-374m.yaml --dtype bfloat16 \
+                   model.diffusion.enabled=true --batch 1 --no-torch --no-hf --speculative tidar --block 4,8,16 ;;
+        moe) part moe 90 $PY scripts/bench.py moe ;;
+        scan) for scan in false true; do  # the wall time of each (printed by part) is mostly compilation
+                  part "scan_layers_$scan" 150 $PY scripts/bench.py train --config configs/llama-374m.yaml \
+                      --dtype bfloat16 model.scan_layers=$scan --batch 16 --seq 1024 --steps 3 --warmup 1 --no-torch
+              done ;;
+    esac
+done
+cat "$SUMMARY"
