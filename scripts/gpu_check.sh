@@ -24,7 +24,8 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_logs}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1  # JAX and torch share the GPU
-PY=${PY:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # jaxllm from this checkout, installed or not
+PY=${PY:-$(command -v python || command -v python3)}
 SUMMARY="$OUT/summary.txt"
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, keep the log, summarise
@@ -58,15 +59,19 @@ mkdir -p "$OUT"
 
 for p in "${parts[@]}"; do
     case $p in
-        train) part train 330 $PY scripts/bench.py train --config configs/llama-374m.yaml --dtype bfloat16 \
-                   --batch 16 --seq 1024 --steps 10 --warmup 3 --compile ;;
-        decode) part decode 240 $PY scripts/bench.py decode --config configs/llama-374m.yaml --dtype bfloat16 \
+        train) part train 240 $PY scripts/bench.py train --config configs/llama-374m.yaml --dtype bfloat16 \
+                   --batch 16 --seq 1024 --steps 10 --warmup 3 --compile
+               if ! grep -q "^jaxllm" "$OUT/train.log"; then  # no jaxllm row: measure it without cuDNN's kernel
+                   part train_xla 120 $PY scripts/bench.py train --config configs/llama-374m.yaml --dtype bfloat16 \
+                       model.attention.implementation=xla --batch 16 --seq 1024 --steps 10 --warmup 3 --no-torch
+               fi ;;
+        decode) part decode 180 $PY scripts/bench.py decode --config configs/llama-374m.yaml --dtype bfloat16 \
                     --batch 1,32 ;;
-        tidar) part tidar 120 $PY scripts/bench.py decode --config configs/llama-374m.yaml --dtype bfloat16 \
+        tidar) part tidar 90 $PY scripts/bench.py decode --config configs/llama-374m.yaml --dtype bfloat16 \
                    model.diffusion.enabled=true --batch 1 --no-torch --no-hf --speculative tidar --block 4,8,16 ;;
-        moe) part moe 90 $PY scripts/bench.py moe ;;
+        moe) part moe 60 $PY scripts/bench.py moe model.n_layer=8 --batch 8 --seq 1024 ;;
         scan) for scan in false true; do  # the wall time of each (printed by part) is mostly compilation
-                  part "scan_layers_$scan" 150 $PY scripts/bench.py train --config configs/llama-374m.yaml \
+                  part "scan_layers_$scan" 100 $PY scripts/bench.py train --config configs/llama-374m.yaml \
                       --dtype bfloat16 model.scan_layers=$scan --batch 16 --seq 1024 --steps 3 --warmup 1 --no-torch
               done ;;
     esac

@@ -32,9 +32,10 @@ def rope_angles(positions, head_dim, theta):
 
 
 def apply_rope(x, cos, sin):
-    """x [B, N, T, H]; rotate the pairs (i, i + H/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+    """x [B, N, T, H]; rotate the pairs (i, i + H/2) in float32 and return x's dtype, as jaxllm does."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]).to(x.dtype)
 
 
 def causal_mask(t, window=None):

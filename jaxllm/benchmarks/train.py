@@ -117,22 +117,27 @@ def run(argv: list[str]) -> int:
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
     if args.memory:
         return memory_report(cfg, mesh, tokens)
+    def row(name, seconds):  # printed as soon as measured, so a later failure loses nothing
+        tps = tokens_per_step / seconds
+        mfu = f"{100 * flops * tps / (peak * mesh.size):6.1f}%" if peak else "    n/a"
+        print(f"{name:36s} {1000 * seconds:9.2f} {tps:11,.0f} {mfu}", flush=True)
+
+    print(f"{'implementation':36s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>7s}", flush=True)
     with jax.set_mesh(mesh):
         trainer = Trainer(cfg, mesh)
-        rows = [(f"jaxllm (Trainer, {cfg.train.optimizer})", jax_step_time(trainer, tokens, args.warmup, args.steps))]
+        row(f"jaxllm (Trainer, {cfg.train.optimizer})", jax_step_time(trainer, tokens, args.warmup, args.steps))
     del trainer  # its state's memory, before torch allocates its own
     if not args.no_torch:
         import torch
 
-        rows.append((f"torch_ref eager (torch {torch.__version__})",
-                     torch_step_time(cfg, tokens, args.warmup, args.steps, False)))
+        peers = [(f"torch_ref eager (torch {torch.__version__})", False)]
         if args.compile or torch.cuda.is_available():
-            rows.append(("torch_ref torch.compile", torch_step_time(cfg, tokens, args.warmup, args.steps, True)))
-    print(f"{'implementation':36s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>7s}")
-    for name, seconds in rows:
-        tps = tokens_per_step / seconds
-        mfu = f"{100 * flops * tps / (peak * mesh.size):6.1f}%" if peak else "    n/a"
-        print(f"{name:36s} {1000 * seconds:9.2f} {tps:11,.0f} {mfu}")
+            peers.append(("torch_ref torch.compile", True))
+        for name, compiled in peers:
+            try:
+                row(name, torch_step_time(cfg, tokens, args.warmup, args.steps, compiled))
+            except Exception as e:  # a peer's failure is a row, not the end of the benchmark
+                print(f"{name:36s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
     return 0
 
 
