@@ -55,14 +55,14 @@ def rope_inv_freq(mla, theta):
 
 
 def apply_rope(x, angles, amplitude, layout):
-    """Rotate x [B, T, heads, R] by angles [B, T, 1, R/2]."""
+    """Rotate x [B, T, heads, R] by angles [B, T, 1, R/2], in float32; returns x's dtype."""
     if layout == "interleaved":  # pairs (2i, 2i+1) as complex numbers, as DeepSeek's official code
         freqs_cis = torch.polar(torch.full_like(angles, amplitude), angles)
-        x = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-        return torch.view_as_real(x * freqs_cis).flatten(-2)
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * freqs_cis).flatten(-2).to(x.dtype)
     cos, sin = amplitude * angles.cos(), amplitude * angles.sin()  # pairs (i, i + R/2), as HF Llama
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -133,7 +133,8 @@ class MultiHeadLatentAttention(nn.Module):
         m, N = self.mla, self.n_head
         nope, R, Hv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
         q_nope, q_rope, c_kv, k_rope = self.project(x)
-        angles = (positions.float()[..., None] * rope_inv_freq(m, self.rope_theta))[:, :, None, :]  # [B, T, 1, R/2]
+        inv_freq = rope_inv_freq(m, self.rope_theta).to(positions.device)
+        angles = (positions.float()[..., None] * inv_freq)[:, :, None, :]  # [B, T, 1, R/2]
         amplitude = rope_amplitude(m)
         q_rope = apply_rope(q_rope, angles, amplitude, m.rope_layout)
         k_rope = apply_rope(k_rope, angles, amplitude, m.rope_layout)
