@@ -97,6 +97,34 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules=RULES):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def build_state(create, abstract, shardings, mesh: jax.sharding.Mesh, eager: bool | None = None):
+    """nnx.state(create()) laid out by `shardings` (`abstract`: its shapes, from nnx.eval_shape).
+
+    `eager` (default: one process, and `fits_one_device`): run `create` eagerly on the mesh's first device, then place
+    a copy of the state (every leaf its own buffer, as the train step's donation needs). Each
+    parameter's random draw is then a small program cached by shape, so start-up
+    compiles a handful of them. Otherwise: one program jitted with `out_shardings`, which builds on
+    each device only its own pieces (what a state too large for one device needs) but compiles every
+    parameter's draw as kernels of its own: on an H200 that took 2.5-3.6 minutes for llama-374m's 24
+    layers, ~130 kernels a layer (docs/perf.md, "GPU start-up")."""
+    device = mesh.devices.flat[0]
+    if eager is None:  # device_put cannot place onto other processes' devices
+        eager = not mesh.is_multi_process and fits_one_device(abstract, device)
+    if eager:
+        with jax.default_device(device):
+            # fresh buffers: leaves that share one (an EMA clone's weights) must not be donated twice
+            return jax.device_put(nnx.state(create()), shardings, may_alias=False)
+    return jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
+
+
+def fits_one_device(abstract, device) -> bool:
+    """Whether a state of these shapes takes at most a quarter of the device's memory (a CPU, which
+    reports no limit, always holds it)."""
+    nbytes = sum(x.size * getattr(x.dtype, "itemsize", 8) for x in jax.tree.leaves(abstract))
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    return limit is None or nbytes <= limit / 4
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Leading (batch) dimension split over data and fsdp; the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))

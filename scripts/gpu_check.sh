@@ -4,17 +4,21 @@
 # its whole output goes to $OUT/<part>.log (default ./gpu_logs) and its last lines to
 # $OUT/summary.txt. Parts run in the order given; the default is all of them.
 #
-#   bash scripts/gpu_check.sh train decode     # ~5-6 min on an H100/H200 (two compiles, torch.compile)
-#   bash scripts/gpu_check.sh tidar moe scan   # ~3-4 min
+#   bash scripts/gpu_check.sh train scan moe decode_cmdbuf   # what the first GPU session (2026-12-04) could not measure
+#   bash scripts/gpu_check.sh decode tidar     # measured then (BENCHMARKS.md, "GPU: one H200")
 #
 # Through the device tool (10 minutes a command, 15 minutes of device time a session, the start
-# included): run the two lines above as two calls, with timeout_s 420 and 300. Needs jax with CUDA,
-# flax, optax, orbax, torch (and transformers for the HF decode peer); not grain or wandb.
+# included): one call of the first line, timeout_s 590; `PY=python3` there. Needs jax with CUDA,
+# flax, optax, orbax, torch (and transformers for the HF decode peer); not grain or wandb. The first
+# session lost the train part to a 2.5-3.6 minute compile of the state's initialisation, since
+# fixed (docs/perf.md, "GPU start-up"): check the `start-up:` line of train.log first.
 #
 #   train   llama-374m bf16, batch 16 x 1024: jaxllm's step (MFU), torch_ref eager and torch.compile
 #           (issue 13: >= 50% MFU; torch.compile peer 35.8%, DESIGN.md).
 #   decode  llama-374m bf16, batch 1 and 32: jaxllm, torch_ref, HF static cache
 #           (issue 13: <= 1.0 ms/token at batch 1, >= 25k tokens/s at batch 32).
+#   decode_cmdbuf  jaxllm's decode again with XLA's command buffers over the while loop's body (the
+#           first session's decode looked launch-bound: 1.71 ms/token at batch 1, 1.85 at batch 32).
 #   tidar   the cost of a TiDAR step against a one-token step on the GPU (random weights, so the
 #           tokens per forward are ~1; the trained figure is the CPU's: BENCHMARKS.md) (issue 12).
 #   moe     grouped (ragged_dot) against dense MoE dispatch on seed002-customllm.
@@ -43,8 +47,8 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(train decode tidar moe scan)
 for p in "${parts[@]}"; do
     case $p in
-        train | decode | tidar | moe | scan) ;;
-        *) echo "gpu_check.sh: unknown part '$p'; allowed: train decode tidar moe scan" >&2; exit 2 ;;
+        train | decode | decode_cmdbuf | tidar | moe | scan) ;;
+        *) echo "gpu_check.sh: unknown part '$p'; allowed: train decode decode_cmdbuf tidar moe scan" >&2; exit 2 ;;
     esac
 done
 mkdir -p "$OUT"
@@ -59,7 +63,7 @@ mkdir -p "$OUT"
 
 for p in "${parts[@]}"; do
     case $p in
-        train) part train 240 $PY scripts/bench.py train --config configs/llama-374m.yaml --dtype bfloat16 \
+        train) part train 300 $PY scripts/bench.py train --config configs/llama-374m.yaml --dtype bfloat16 \
                    --batch 16 --seq 1024 --steps 10 --warmup 3 --compile
                if ! grep -q "^jaxllm" "$OUT/train.log"; then  # no jaxllm row: measure it without cuDNN's kernel
                    part train_xla 120 $PY scripts/bench.py train --config configs/llama-374m.yaml --dtype bfloat16 \
@@ -69,6 +73,9 @@ for p in "${parts[@]}"; do
                     --batch 1,32 ;;
         tidar) part tidar 90 $PY scripts/bench.py decode --config configs/llama-374m.yaml --dtype bfloat16 \
                    model.diffusion.enabled=true --batch 1 --no-torch --no-hf --speculative tidar --block 4,8,16 ;;
+        decode_cmdbuf) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
+                    part decode_cmdbuf 120 $PY scripts/bench.py decode --config configs/llama-374m.yaml \
+                        --dtype bfloat16 --batch 1,32 --no-torch --no-hf ;;
         moe) part moe 60 $PY scripts/bench.py moe model.n_layer=8 --batch 8 --seq 1024 ;;
         scan) for scan in false true; do  # the wall time of each (printed by part) is mostly compilation
                   part "scan_layers_$scan" 100 $PY scripts/bench.py train --config configs/llama-374m.yaml \

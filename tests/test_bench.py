@@ -141,5 +141,6 @@ def test_the_gpu_script_refuses_an_unknown_part_before_writing_anything(tmp_path
     result = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), "train", "decod"], capture_output=True,
                             text=True, env={**os.environ, "OUT": str(out), "PY": "false"}, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip() == "gpu_check.sh: unknown part 'decod'; allowed: train decode tidar moe scan"
+    assert result.stderr.strip() == ("gpu_check.sh: unknown part 'decod'; "
+                                     "allowed: train decode decode_cmdbuf tidar moe scan")
     assert not out.exists()

@@ -96,3 +96,61 @@ def test_expert_parallel_moe_trains_like_one_device():
     experts = _value(trainer.state[0], ("layers", 0, "mlp", "experts", "up_proj"))
     assert experts.sharding.spec[0] == "expert"
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_the_state_built_eagerly_equals_the_jitted_build_in_values_and_layout():
+    """Trainer builds its state eagerly when it fits one device (start-up compiles a handful of small
+    programs instead of one with ~130 kernels a layer) and jitted with out_shardings otherwise; both
+    give the same state laid out the same way, on a mesh that splits it (fsdp x tensor)."""
+    from flax import nnx
+
+    from jaxllm.model import Transformer
+    from jaxllm.sharding import build_state, fits_one_device, state_shardings
+
+    cfg = load_config(ROOT / "configs/tiny-llama.yaml", ["model.n_layer=2"])
+    mesh = make_mesh("fsdp:4,tensor:2")
+    create = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))  # noqa: E731
+    with jax.set_mesh(mesh):
+        abstract = nnx.state(nnx.eval_shape(create))
+        shardings = state_shardings(abstract, mesh)
+        eager = build_state(create, abstract, shardings, mesh, eager=True)
+        jitted = build_state(create, abstract, shardings, mesh, eager=False)
+    assert fits_one_device(abstract, jax.devices()[0])  # a CPU reports no memory limit
+    small_gpu = type("Device", (), {"memory_stats": lambda self: {"bytes_limit": 2**20}})()
+    assert not fits_one_device(abstract, small_gpu)  # the state (0.5 MiB) is over a quarter of 1 MiB
+    flat_eager, flat_jitted = nnx.to_flat_state(eager), nnx.to_flat_state(jitted)
+    assert [path for path, _ in flat_eager] == [path for path, _ in flat_jitted]
+    split = 0
+    for (path, a), (_, b) in zip(flat_eager, flat_jitted):
+        a, b = a[...], b[...]
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), path
+        split += a.sharding.spec != P(*[None] * a.ndim)
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        # the same draws; a fused multiply-add may round the last bit differently
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9, err_msg=str(path))
+    assert split >= 4  # the comparison covered arrays actually split over the mesh
+
+
+def test_an_eagerly_built_state_gives_every_leaf_its_own_buffer():
+    """The train step donates its state, so two leaves sharing a buffer (an EMA clone's weights
+    share its model's until copied) would be donated twice: XLA crashed (segfault) in TRM training
+    before build_state copied them."""
+    from flax import nnx
+
+    from jaxllm.model import Transformer
+    from jaxllm.sharding import build_state, state_shardings
+
+    cfg = load_config(ROOT / "configs/tiny-llama.yaml", ["model.n_layer=1"])
+    mesh = make_mesh("fsdp:4,tensor:2")
+
+    def create():
+        model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+        return model, nnx.clone(model)
+
+    with jax.set_mesh(mesh):
+        abstract = nnx.state(nnx.eval_shape(create))
+        state = build_state(create, abstract, state_shardings(abstract, mesh), mesh, eager=True)
+    buffers = [shard.data.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state)
+               for shard in leaf.addressable_shards]
+    assert len(buffers) == len(set(buffers)) > 0

@@ -27,15 +27,20 @@ def _time(step, n_warmup: int, n_steps: int, sync) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def jax_step_time(trainer, tokens: np.ndarray, n_warmup: int, n_steps: int) -> float:
-    """Median seconds of the training loop's own jitted step on one batch, fed again each step."""
+def jax_step_time(trainer, tokens: np.ndarray, n_warmup: int, n_steps: int) -> tuple[float, float]:
+    """(median seconds, first call's seconds) of the training loop's own jitted step on one batch,
+    fed again each step. The first call compiles the step: it is one of the warm-up calls (or an
+    extra one, with no warm-up) and never timed in the median."""
     batch = trainer.put(tokens)
 
     def step():
         trainer.state, loss, *_ = trainer.train_step(trainer.state, batch)
         return loss
 
-    return _time(step, n_warmup, n_steps, lambda loss: loss.block_until_ready())
+    start = time.perf_counter()
+    step().block_until_ready()
+    first = time.perf_counter() - start
+    return _time(step, max(n_warmup - 1, 0), n_steps, lambda loss: loss.block_until_ready()), first
 
 
 def torch_step_time(cfg, tokens, n_warmup: int, n_steps: int, compile_: bool) -> float:
@@ -122,10 +127,15 @@ def run(argv: list[str]) -> int:
         mfu = f"{100 * flops * tps / (peak * mesh.size):6.1f}%" if peak else "    n/a"
         print(f"{name:36s} {1000 * seconds:9.2f} {tps:11,.0f} {mfu}", flush=True)
 
-    print(f"{'implementation':36s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>7s}", flush=True)
     with jax.set_mesh(mesh):
+        start = time.perf_counter()
         trainer = Trainer(cfg, mesh)
-        row(f"jaxllm (Trainer, {cfg.train.optimizer})", jax_step_time(trainer, tokens, args.warmup, args.steps))
+        jax.block_until_ready(trainer.state)
+        built = time.perf_counter() - start
+        seconds, first = jax_step_time(trainer, tokens, args.warmup, args.steps)
+        print(f"start-up: state built in {built:.1f} s, first step (compiles it) {first:.1f} s", flush=True)
+        print(f"{'implementation':36s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>7s}", flush=True)
+        row(f"jaxllm (Trainer, {cfg.train.optimizer})", seconds)
     del trainer  # its state's memory, before torch allocates its own
     if not args.no_torch:
         import torch

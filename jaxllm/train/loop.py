@@ -46,7 +46,7 @@ from jaxllm.model import Transformer, lm_loss, next_token_loss, tidar_losses
 from jaxllm.model.params import Buffer
 from jaxllm.model.transformer import abstract_model
 from jaxllm.model.moe import pop_expert_load, update_router_bias
-from jaxllm.sharding import batch_divisor, batch_sharding, make_mesh, state_shardings
+from jaxllm.sharding import batch_divisor, batch_sharding, build_state, make_mesh, state_shardings
 from jaxllm.train import data as data_lib
 from jaxllm.train.monitor import MetricsLog, Wandb
 from jaxllm.train.optim import (last_grad_norm, loss_scale, lr_schedule, make_optimizer, nonfinite_counts,
@@ -182,8 +182,7 @@ class Trainer:
         self.shardings = state_shardings(abstract, mesh)
         self.batch_sharding = batch_sharding(mesh)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        # The state is created already sharded: each device builds only its own pieces.
-        self.state = jax.jit(lambda: nnx.state(create()), out_shardings=self.shardings)()
+        self.state = build_state(create, abstract, self.shardings, mesh)
         if init is not None:
             self.state = self._with_weights(init)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.shardings, self.batch_sharding),

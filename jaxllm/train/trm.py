@@ -33,7 +33,7 @@ from jaxllm.config import Config, load_config
 from jaxllm.errors import DataError
 from jaxllm.model.losses import trm_loss
 from jaxllm.model.trm import TRM, abstract_trm, solve
-from jaxllm.sharding import batch_sharding, state_shardings
+from jaxllm.sharding import batch_sharding, build_state, state_shardings
 from jaxllm.train import loop
 from jaxllm.train.optim import last_grad_norm, make_optimizer, nonfinite_counts, poison_unless_finite
 
@@ -84,7 +84,7 @@ class TRMTrainer:
         self.shardings = state_shardings(abstract, mesh)
         self.batch_sharding = batch_sharding(mesh)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self.state = jax.jit(lambda: nnx.state(create()), out_shardings=self.shardings)()
+        self.state = build_state(create, abstract, self.shardings, mesh)
         self.key = jax.random.key(cfg.train.seed)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.shardings, self.batch_sharding),
                                   out_shardings=(self.shardings, replicated, replicated, replicated, replicated),
