@@ -78,7 +78,8 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=12, help="sequences per step (default: 12)")
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence (default: 64)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps; the median is reported (default: 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, incl. compilation (default: 3)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps first (default: 3); jaxllm's first step, which compiles it, is never timed")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="compute dtype (model.dtype; parameters stay model.param_dtype); torch_ref runs "
                              "under autocast to it")
