@@ -100,9 +100,9 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules=RULES):
 def build_state(create, abstract, shardings, mesh: jax.sharding.Mesh, eager: bool | None = None):
     """nnx.state(create()) laid out by `shardings` (`abstract`: its shapes, from nnx.eval_shape).
 
-    `eager` (default: one process, and `fits_one_device`): run `create` eagerly on the mesh's first device, then place
-    a copy of the state (every leaf its own buffer, as the train step's donation needs). Each
-    parameter's random draw is then a small program cached by shape, so start-up
+    `eager` (default: one process, and `fits_one_device`): run `create` eagerly on the mesh's first
+    device, then place a copy of the state (every leaf its own buffer, as the train step's donation
+    needs). Each parameter's random draw is then a small program cached by shape, so start-up
     compiles a handful of them. Otherwise: one program jitted with `out_shardings`, which builds on
     each device only its own pieces (what a state too large for one device needs) but compiles every
     parameter's draw as kernels of its own: on an H200 that took 2.5-3.6 minutes for llama-374m's 24

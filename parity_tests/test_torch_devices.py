@@ -13,7 +13,7 @@ import torch
 from jaxllm.config import to_dict
 from parity_tests.harness import make_pair, tiny_config
 from parity_tests.test_decode import CASES
-from torch_ref.model import Transformer
+from torch_ref.model import Cache, Transformer
 
 NOT_ON_META = {"moe-shared-experts"}
 
@@ -31,8 +31,6 @@ def test_the_forward_keeps_every_tensor_on_the_models_device(name):
 def test_a_bfloat16_model_decodes_with_a_bfloat16_cache_close_to_float32(name):
     """Prefill + 8 one-token steps through the cache, in bfloat16 and in float32 on the same weights:
     the bfloat16 logits stay bfloat16 and within bfloat16 rounding of float32's."""
-    from torch_ref.model import Cache
-
     pair = make_pair(tiny_config(**CASES[name]), seed=3, seq=40)
     tokens = torch.from_numpy(np.asarray(pair.tokens[:, :40]))
     logits = {}

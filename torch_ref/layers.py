@@ -25,8 +25,8 @@ def make_norm(cfg):
 
 def rope_angles(positions, head_dim, theta):
     """cos, sin [B, T, H] for Hugging Face's half-split layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq.to(positions.device)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 

@@ -21,6 +21,12 @@ SECTIONS = {"train": "jaxllm.benchmarks.train", "moe": "jaxllm.benchmarks.moe",
             "trm": "jaxllm.benchmarks.trm", "serve": "jaxllm.benchmarks.serve"}
 
 
+def failure(e: Exception) -> str:
+    """A peer's failure as a table row's text: its type and the first line of its message."""
+    first = str(e).splitlines()[0][:80] if str(e) else ""
+    return f"failed: {type(e).__name__}: {first}"
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in SECTIONS:
         if argv and argv[0] in ("-h", "--help"):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxllm.benchmarks import failure
 from jaxllm.cli import ArgumentParser, positive_int, positive_ints
 
 
@@ -267,7 +268,7 @@ def run(argv: list[str]) -> int:
             try:
                 seconds, tokens = fn(prompts)
             except Exception as e:  # a peer that fails is reported, not fatal
-                print(f"{name:40s} {batch:5d} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                print(f"{name:40s} {batch:5d} {failure(e)}")
                 continue
             reference = tokens if reference is None else reference
             same = "-" if tokens is reference else ("yes" if tokens == reference else "no")

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from jaxllm.benchmarks import failure
 from jaxllm.cli import ArgumentParser
 
 
@@ -148,7 +149,7 @@ def run(argv: list[str]) -> int:
             try:
                 row(name, torch_step_time(cfg, tokens, args.warmup, args.steps, compiled))
             except Exception as e:  # a peer's failure is a row, not the end of the benchmark
-                print(f"{name:36s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
+                print(f"{name:36s} {failure(e)}")
     return 0
 
 
