@@ -274,6 +274,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     # parallelism
     mesh: str = "data:-1"  # mesh axes data, fsdp, tensor, expert; -1 takes the remaining devices
+    # on the CPU, split it into this many devices for the mesh (None: one per core, at most 8, as many
+    # as divide the micro-batch and fit the state in memory; 1: one device); ignored elsewhere
+    cpu_devices: int | None = None
     # evaluation, checkpoints, logging
     eval_every: int = 200
     eval_batches: int = 20
@@ -539,6 +542,8 @@ def _validate_train(t: TrainConfig, model: ModelConfig) -> None:
     _check(t.sample_every >= 0, "train.sample_every", t.sample_every, "an integer >= 0 (0 = never)")
     _check(t.sample_temperature > 0, "train.sample_temperature", t.sample_temperature, "> 0")
     mesh_axes(t.mesh)
+    if t.cpu_devices is not None:
+        _check(t.cpu_devices >= 1, "train.cpu_devices", t.cpu_devices, "an integer >= 1 (or null: one per core)")
     for i, stage in enumerate(t.curriculum):
         p = f"train.curriculum[{i}]."
         _check(1 <= stage.seq_len <= model.max_seq_len, p + "seq_len", stage.seq_len,

@@ -92,19 +92,23 @@ def run(argv: list[str]) -> int:
                         help="also time torch.compile (always on a CUDA GPU, unless --no-torch)")
     args = parser.parse_intermixed_args(argv)
 
-    import jax
-
     from jaxllm.config import load_config
     from jaxllm.errors import ConfigError
-    from jaxllm.metrics import flops_per_token, peak_flops
-    from jaxllm.sharding import batch_divisor, make_mesh
-    from jaxllm.train.loop import Trainer
+    from jaxllm.platform import split_cpu
 
     cfg = load_config(args.config, [*args.overrides, *([f"model.dtype={args.dtype}"] if args.dtype else [])])
     for name, value, low in (("--batch", args.batch, 1), ("--seq", args.seq, 1), ("--steps", args.steps, 1),
                              ("--warmup", args.warmup, 0)):
         if value < low:
             raise ConfigError(f"{name} {value} is invalid: must be an integer >= {low}")
+    split_cpu(cfg, micro_batches=[args.batch])  # as train.py does: one CPU device per core
+
+    import jax
+
+    from jaxllm.metrics import flops_per_token, peak_flops
+    from jaxllm.sharding import batch_divisor, make_mesh
+    from jaxllm.train.loop import Trainer
+
     if args.seq > cfg.model.max_seq_len:
         raise ConfigError(f"--seq {args.seq} is longer than model.max_seq_len ({cfg.model.max_seq_len})")
     mesh = make_mesh(cfg.train.mesh)

@@ -59,11 +59,13 @@ def parser() -> ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_intermixed_args(argv)  # key=value overrides may come before or after options
     from jaxllm.config import load_config
-    from jaxllm.platform import select_platform
+    from jaxllm.platform import select_platform, split_cpu
     from jaxllm.sharding import maybe_initialize_distributed
 
     cfg = load_config(args.config, args.overrides)  # config mistakes fail before jax starts
-    maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # before backends start
+    # before backends start
+    if not maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id):
+        split_cpu(cfg, args.platform)
     select_platform(args.platform)
     init_model = None
     if args.init_from is not None:

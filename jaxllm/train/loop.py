@@ -49,6 +49,7 @@ from jaxllm.model.moe import pop_expert_load, update_router_bias
 from jaxllm.sharding import batch_divisor, batch_sharding, build_state, make_mesh, state_shardings
 from jaxllm.train import data as data_lib
 from jaxllm.train.monitor import MetricsLog, Wandb
+from jaxllm.train.parallel import per_device_gradients, value_and_grad_per_device
 from jaxllm.train.optim import (last_grad_norm, loss_scale, lr_schedule, make_optimizer, nonfinite_counts,
                                  poison_unless_finite, trainable_filter, update_applied)
 from jaxllm.train.tokenizer import build_tokenizer, load_tokenizer
@@ -185,6 +186,7 @@ class Trainer:
         self.state = build_state(create, abstract, self.shardings, mesh)
         if init is not None:
             self.state = self._with_weights(init)
+        self.per_device = per_device_gradients(mesh, cfg.model)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.shardings, self.batch_sharding),
                                   out_shardings=(self.shardings, replicated, replicated, replicated),
                                   donate_argnums=0)
@@ -213,7 +215,12 @@ class Trainer:
         model, optimizer = nnx.merge(self.graphdef, state)
         scale = loss_scale(optimizer.opt_state)  # 1 unless train.loss_scale (float16)
         scaled = lambda m, x, y: lm_loss(m, x, y, chunk=self.cfg.train.loss_chunk) * scale  # noqa: E731
-        loss, grads = nnx.value_and_grad(scaled, argnums=nnx.DiffState(0, self.wrt))(model, batch[:, :-1], batch[:, 1:])
+        if self.per_device:  # CPU devices: one flat all-reduce (jaxllm.train.parallel)
+            loss, grads = value_and_grad_per_device(lambda m, b: scaled(m, b[:, :-1], b[:, 1:]), model, self.wrt,
+                                                    batch, self.mesh)
+        else:
+            loss, grads = nnx.value_and_grad(scaled, argnums=nnx.DiffState(0, self.wrt))(
+                model, batch[:, :-1], batch[:, 1:])
         loss = loss / scale  # the optimizer's first transformation unscales the gradient
         optimizer.update(model, poison_unless_finite(loss, grads))
         applied = update_applied(optimizer.opt_state)  # a skipped update moves no router bias either (load 0)
