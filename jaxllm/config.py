@@ -274,8 +274,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     # parallelism
     mesh: str = "data:-1"  # mesh axes data, fsdp, tensor, expert; -1 takes the remaining devices
-    # on the CPU, split it into this many devices for the mesh (None: one per core, at most 8, as many
-    # as divide the micro-batch and fit the state in memory; 1: one device); ignored elsewhere
+    # on the CPU, split it into this many devices for the mesh (None: the product of train.mesh's fixed
+    # sizes, else one per core, at most 8, as many as divide the micro-batch and fit the state in
+    # memory; 1: one device); ignored on other backends
     cpu_devices: int | None = None
     # evaluation, checkpoints, logging
     eval_every: int = 200

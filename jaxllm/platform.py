@@ -57,16 +57,18 @@ ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu",
 
 def choose_cpu_devices(requested: int | None, micro_batches: list[int], mesh_spec: str, cores: int,
                        state_bytes, memory_bytes: int) -> int:
-    """How many CPU devices a training run gets. `requested` (train.cpu_devices) wins when set.
-    Automatic (None): one per core, at most MAX_AUTO_CPU_DEVICES, and only as many as divide every
-    micro-batch, leave every replica of the state (`state_bytes()`, called only when needed) within
-    a quarter of `memory_bytes`, and fit a mesh spec with no fixed axis size above 1."""
+    """How many CPU devices a training run gets. `requested` (train.cpu_devices) wins when set. A
+    mesh spec with fixed sizes above 1 (data:2,fsdp:-1) gets their product, so that it fits.
+    Otherwise (data:-1): one per core, at most MAX_AUTO_CPU_DEVICES, and only as many as divide
+    every micro-batch and leave every replica of the state (`state_bytes()`, called only when
+    needed) within a quarter of `memory_bytes`."""
     if requested is not None:
         return requested
     from jaxllm.config import mesh_axes
 
-    if any(size > 1 for size in mesh_axes(mesh_spec).values()):
-        return 1
+    fixed = math.prod(size for size in mesh_axes(mesh_spec).values() if size > 1)
+    if fixed > 1:
+        return fixed
     common = math.gcd(*micro_batches)
     n = max((d for d in range(1, min(cores, MAX_AUTO_CPU_DEVICES) + 1) if common % d == 0), default=1)
     if n > 1:

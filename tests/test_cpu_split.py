@@ -29,7 +29,8 @@ def never():  # the state's size, where the choice must not need it
     (None, [64], "data:-1", 32, MAX_AUTO_CPU_DEVICES),  # capped: measured on 2 cores only
     (None, [8, 6], "data:-1", 8, 2),               # every curriculum stage's micro-batch divides
     (None, [12], "fsdp:-1", 2, 2),                 # any axis of size -1 takes the devices
-    (None, [12], "data:4", 8, 1),                  # an explicit mesh is the user's layout: left alone
+    (None, [12], "data:4", 8, 4),                  # an explicit mesh gets the devices it names
+    (None, [12], "data:2,fsdp:-1,tensor:2", 2, 4),  # (the fixed sizes' product; the -1 axis gets 1)
     (3, [12], "data:4", 8, 3),                     # train.cpu_devices wins
 ])
 def test_device_count_follows_cores_batch_and_mesh(requested, batches, mesh, cores, expected):
