@@ -56,18 +56,18 @@ ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu",
 
 
 def choose_cpu_devices(requested: int | None, micro_batches: list[int], mesh_spec: str, cores: int,
-                       state_bytes, memory_bytes: int) -> int:
+                       state_bytes, memory_bytes: int, per_core: bool = True) -> int:
     """How many CPU devices a training run gets. `requested` (train.cpu_devices) wins when set. A
     mesh spec with fixed sizes above 1 (data:2,fsdp:-1) gets their product, so that it fits.
     Otherwise (data:-1): one per core, at most MAX_AUTO_CPU_DEVICES, and only as many as divide
     every micro-batch and leave every replica of the state (`state_bytes()`, called only when
-    needed) within a quarter of `memory_bytes`."""
+    needed) within a quarter of `memory_bytes`; `per_core=False` (a TRM run) keeps one device there."""
     if requested is not None:
         return requested
     from jaxllm.config import mesh_axes
 
     fixed = math.prod(size for size in mesh_axes(mesh_spec).values() if size > 1)
-    if fixed > 1:
+    if fixed > 1 or not per_core:
         return fixed
     common = math.gcd(*micro_batches)
     n = max((d for d in range(1, min(cores, MAX_AUTO_CPU_DEVICES) + 1) if common % d == 0), default=1)
@@ -108,7 +108,9 @@ def split_cpu(cfg, name: str | None = None, micro_batches: list[int] | None = No
 
         return STATE_BYTES_PER_PARAM * count_params(cfg.model)
 
-    n = choose_cpu_devices(t.cpu_devices, micro_batches, t.mesh, cores, state_bytes, memory)
+    # TRM's step keeps XLA's partitioning, whose all-reduce made it slower on 2 devices (docs/perf.md)
+    n = choose_cpu_devices(t.cpu_devices, micro_batches, t.mesh, cores, state_bytes, memory,
+                           per_core=not cfg.model.trm.enabled)
     if n > 1:
         jax.config.update("jax_num_cpu_devices", n)
     return n

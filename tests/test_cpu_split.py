@@ -38,6 +38,12 @@ def test_device_count_follows_cores_batch_and_mesh(requested, batches, mesh, cor
     assert choose_cpu_devices(requested, batches, mesh, cores, state, 64 * GiB) == expected
 
 
+def test_a_run_that_does_not_split_per_core_keeps_one_device_unless_told():
+    assert choose_cpu_devices(None, [32], "data:-1", 8, never, 64 * GiB, per_core=False) == 1
+    assert choose_cpu_devices(None, [32], "data:2", 8, never, 64 * GiB, per_core=False) == 2
+    assert choose_cpu_devices(4, [32], "data:-1", 8, never, 64 * GiB, per_core=False) == 4
+
+
 def test_replicas_must_fit_a_quarter_of_memory():
     # 12 sequences, 8 cores: 6 replicas of a 1 GiB state need 6 GiB; 16 GiB allows 4 GiB of state
     assert choose_cpu_devices(None, [12], "data:-1", 8, lambda: GiB, 16 * GiB) == 4
