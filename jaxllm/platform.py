@@ -104,7 +104,7 @@ def split_cpu(cfg, name: str | None = None, micro_batches: list[int] | None = No
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
     def state_bytes() -> int:
-        from jaxllm.verify import count_params
+        from jaxllm.model.transformer import count_params
 
         return STATE_BYTES_PER_PARAM * count_params(cfg.model)
 

@@ -13,17 +13,6 @@ from jaxllm.cli import ArgumentParser, positive_float
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def count_params(model_cfg) -> int:
-    """Number of parameters of the model `model_cfg` describes, without allocating it."""
-    import jax
-    from flax import nnx
-
-    from jaxllm.model.transformer import abstract_model
-
-    abstract = abstract_model(model_cfg)
-    return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-
-
 def forward_backward(cfg) -> tuple[float, float]:
     """(loss, global gradient norm) of one jitted forward+backward pass on a random batch."""
     import jax
@@ -101,6 +90,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
 
     from jaxllm.config import load_config
+    from jaxllm.model.transformer import count_params
     from jaxllm.platform import select_platform
 
     backend = select_platform(args.platform)

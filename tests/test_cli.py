@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jaxllm.config import load_config
-from jaxllm.verify import count_params
+from jaxllm.model.transformer import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

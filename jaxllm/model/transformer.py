@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -252,6 +253,11 @@ def abstract_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     """The Transformer of `cfg` built by `nnx.eval_shape`: every variable a ShapeDtypeStruct, no
     random number drawn (for shapes, parameter counts, shardings, and loading weights into)."""
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Number of parameters of the model `cfg` describes, without allocating it."""
+    return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param)))
 
 
 class LMHead(nnx.Module):
