@@ -49,9 +49,9 @@ from jaxllm.model.moe import pop_expert_load, update_router_bias
 from jaxllm.sharding import batch_divisor, batch_sharding, build_state, make_mesh, state_shardings
 from jaxllm.train import data as data_lib
 from jaxllm.train.monitor import MetricsLog, Wandb
-from jaxllm.train.parallel import per_device_gradients, value_and_grad_per_device
 from jaxllm.train.optim import (last_grad_norm, loss_scale, lr_schedule, make_optimizer, nonfinite_counts,
                                  poison_unless_finite, trainable_filter, update_applied)
+from jaxllm.train.parallel import per_device_gradients, value_and_grad_per_device
 from jaxllm.train.tokenizer import build_tokenizer, load_tokenizer
 
 # Train fields that must match to continue a run in the same directory (the model section must too).

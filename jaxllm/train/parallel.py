@@ -4,8 +4,8 @@ the gradients are averaged in one all-reduce of one flat vector.
 The train step normally leaves the partitioning to XLA (`jax.jit` with shardings). On a
 data-parallel mesh of CPU devices (`jaxllm.platform.split_cpu`: one per core), XLA's SPMD program
 all-reduces the gradients as one tuple of ~40 arrays, and XLA:CPU's in-process all-reduce meets
-at a rendezvous per array: 9 ms of a ~45 ms nanogpt-cpu step, more than the split saved
-(docs/perf.md, "One device per core"). `jax.shard_map` with one `pmean` of the raveled gradient
+at a rendezvous per array: 9 ms per device of a ~60 ms step of the first-run config, more than
+the split saved (docs/perf.md, "One device per core"). `jax.shard_map` with one `pmean` of the raveled gradient
 meets once.
 
 Randomness: each device folds its index into the model's RNG keys, so dropout, LayerDrop and a
