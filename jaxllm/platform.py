@@ -70,12 +70,11 @@ def choose_cpu_devices(requested: int | None, micro_batches: list[int], mesh_spe
     if fixed > 1 or not per_core:
         return fixed
     common = math.gcd(*micro_batches)
-    n = max((d for d in range(1, min(cores, MAX_AUTO_CPU_DEVICES) + 1) if common % d == 0), default=1)
-    if n > 1:
-        replica = state_bytes()
-        while n > 1 and n * replica > memory_bytes // 4:
-            n = max(d for d in range(1, n) if common % d == 0)
-    return n
+    counts = [d for d in range(1, min(cores, MAX_AUTO_CPU_DEVICES) + 1) if common % d == 0]
+    if counts[-1] == 1:
+        return 1
+    replica = state_bytes()
+    return max(d for d in counts if d == 1 or d * replica <= memory_bytes // 4)
 
 
 def _runs_on_cpu(name: str | None) -> bool:

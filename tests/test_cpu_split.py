@@ -111,8 +111,6 @@ def test_per_device_gradients_are_chosen_for_cpu_data_meshes_without_experts():
 
 
 def test_per_device_step_equals_xlas_partitioned_step():
-    import numpy as np
-
     cfg, mesh, by_hand, by_xla = small_trainers()
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, cfg.model.vocab_size, (8, 17), dtype=np.int32) for _ in range(3)]
@@ -137,7 +135,6 @@ def test_each_device_draws_its_own_randomness():
     four devices with one identical row each and p = 0.5 give per-feature gradients averaging four
     masks, so values strictly between 0 and 2 appear; identical masks would give only 0 or 2."""
     import jax.numpy as jnp
-    from flax import nnx
 
     from jaxllm.sharding import make_mesh
     from jaxllm.train.parallel import value_and_grad_per_device
