@@ -22,6 +22,7 @@ COMMANDS = {
     "bench": ("jaxllm.benchmarks", "benchmarks: train, moe, recursion, decode, trm"),
     "sample": ("jaxllm.sample", "generate text: --run DIR | --checkpoint PATH, --prompt/--prompt-file/--interactive"),
     "serve": ("jaxllm.serve.cli", "an OpenAI-compatible HTTP server: --run DIR | --checkpoint FILE | --hf DIR"),
+    "distill": ("jaxllm.tasks.distill", "a TiDAR self-distillation corpus: --run DIR --data TEXT --out FILE"),
     "puzzles": ("jaxllm.tasks.cli", "make a puzzle dataset: --task maze --size 6 --out FILE"),
 }
 
