@@ -97,7 +97,9 @@ def main(argv: list[str]) -> int:
                             new=args.new, batch=args.batch, seed=args.seed)
     corpus = SEPARATOR.join(docs + [text])
     total = len(tokenizer.encode(corpus))
-    val_fraction = (n_val - 0.5) / total  # train.data.split cuts at int(total * (1 - f)) = total - n_val
+    # train.data.split cuts at int(total * (1 - f)) = total - n_val: exact for a char tokenizer; a BPE
+    # one may move the cut by a few tokens (the data pipeline encodes the file in 1 MiB chunks)
+    val_fraction = (n_val - 0.5) / total
     atomic_write(out, corpus)
     print(f"wrote {args.rows} greedy continuations ({args.prompt_tokens} + {args.new} tokens each) and "
           f"{str(args.data)!r} to {str(out)!r} ({total:,} tokens) in {time.perf_counter() - started:.1f} s; "
