@@ -68,6 +68,7 @@ def greedy_documents(model, tokenizer, train_ids: np.ndarray, *, rows: int, prom
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    from jaxllm.checkpoint import load_model
     from jaxllm.config import load_config
     from jaxllm.files import atomic_write, read_text
     from jaxllm.train.tokenizer import load_tokenizer
@@ -90,8 +91,6 @@ def main(argv: list[str]) -> int:
     n_train = int(len(ids) * (1 - cfg.train.val_fraction))  # jaxllm.train.data.split's cut
     n_val = len(ids) - n_train
     started = time.perf_counter()
-    from jaxllm.checkpoint import load_model
-
     model, _ = load_model(run, args.step)
     docs = greedy_documents(model, tokenizer, ids[:n_train], rows=args.rows, prompt_tokens=args.prompt_tokens,
                             new=args.new, batch=args.batch, seed=args.seed)
