@@ -5,6 +5,7 @@ written."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from jaxllm.tasks.distill import SEPARATOR, prompt_starts
 from jaxllm.train.data import split
 from jaxllm.train.tokenizer import load_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["model.d_model=32", "model.n_layer=1", "model.mlp.d_ff=64", "model.max_seq_len=64", "model.attention.window=16",
          "model.vocab_size=40", "model.diffusion.enabled=false"]
 TRAIN = ["train.max_steps=2", "train.batch_size=8", "train.seq_len=32", "train.warmup_steps=1", "train.eval_every=2",
@@ -32,7 +34,7 @@ def trained(tmp_path_factory):
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "far", "away"]
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(words, 8)) + "." for _ in range(120)), encoding="utf-8")
-    code = run("train", ["--config", "configs/tiny-tidar-demo.yaml", "--run-dir", str(root / "run"), "--no-progress",
+    code = run("train", ["--config", str(ROOT / "configs/tiny-tidar-demo.yaml"), "--run-dir", str(root / "run"), "--no-progress",
                          f"train.data={corpus}", *MODEL, *TRAIN])
     assert code == 0
     return root / "run", corpus
