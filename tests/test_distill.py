@@ -63,7 +63,7 @@ def test_the_corpus_is_greedy_continuations_of_training_prompts_then_the_text(tr
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     text = corpus.read_text(encoding="utf-8")
     ids = np.asarray(tokenizer.encode(text))
-    n_train = int(len(ids) * (1 - load_config(run_dir / "config.yaml").train.val_fraction))
+    n_train = len(split(ids, load_config(run_dir / "config.yaml").train.val_fraction)[0])
     starts = prompt_starts(n_train, 5, 16, 3)
     assert (starts + 16 <= n_train).all() and len(set(starts.tolist())) == 5  # training split only, distinct here
     model, _ = load_model(run_dir)

@@ -71,6 +71,7 @@ def main(argv: list[str]) -> int:
     from jaxllm.checkpoint import load_model
     from jaxllm.config import load_config
     from jaxllm.files import atomic_write, read_text
+    from jaxllm.train.data import split
     from jaxllm.train.tokenizer import load_tokenizer
 
     run, out = Path(args.run), Path(args.out)
@@ -88,11 +89,11 @@ def main(argv: list[str]) -> int:
     text = read_text(args.data, "--data")
     tokenizer = load_tokenizer(run / "tokenizer.json")
     ids = np.asarray(tokenizer.encode(text))
-    n_train = int(len(ids) * (1 - cfg.train.val_fraction))  # jaxllm.train.data.split's cut
-    n_val = len(ids) - n_train
+    train_ids, val_ids = split(ids, cfg.train.val_fraction)  # as `jaxllm train` splits the stream
+    n_val = len(val_ids)
     started = time.perf_counter()
     model, _ = load_model(run, args.step)
-    docs = greedy_documents(model, tokenizer, ids[:n_train], rows=args.rows, prompt_tokens=args.prompt_tokens,
+    docs = greedy_documents(model, tokenizer, train_ids, rows=args.rows, prompt_tokens=args.prompt_tokens,
                             new=args.new, batch=args.batch, seed=args.seed)
     corpus = SEPARATOR.join(docs + [text])
     total = len(tokenizer.encode(corpus))
