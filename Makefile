@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -n 2 --dist loadfile  # two workers, each file on one (module fixtures run once)
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=15  # two workers, each file on one (module fixtures run once); the 15 slowest tests listed
 
 .PHONY: setup test parity verify train clean
 
