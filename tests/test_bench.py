@@ -103,6 +103,21 @@ def test_train_benchmark_times_the_training_loops_own_step(monkeypatch, capsys):
     assert "bfloat16 compute, float32 params" in out  # --dtype reached the model
 
 
+def test_train_benchmark_no_jax_times_torch_ref_alone(monkeypatch, capsys):
+    """--no-jax: torch_ref's row only, and no Trainer is built (no JAX work beside torch's)."""
+    from jaxllm.benchmarks.train import run
+    from jaxllm.train import loop
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--no-jax built a Trainer")
+
+    monkeypatch.setattr(loop, "Trainer", refuse)
+    assert run(["model.n_layer=1", "--config", str(ROOT / "configs/tiny-gpt.yaml"), "--batch", "8", "--seq", "16",
+                "--steps", "2", "--warmup", "1", "--no-jax"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]]
+    assert rows == ["torch_ref"]
+
+
 def test_train_benchmark_errors_are_one_line(capsys):
     from jaxllm.benchmarks.train import run
     from jaxllm.errors import ConfigError
@@ -112,6 +127,8 @@ def test_train_benchmark_errors_are_one_line(capsys):
     for option, value in (("--batch", "0"), ("--seq", "-3"), ("--steps", "0"), ("--warmup", "-1")):
         with pytest.raises(ConfigError, match=f"{option} {value} is invalid: must be an integer >= "):
             run(["--config", str(ROOT / "configs/tiny-gpt.yaml"), option, value, "--no-torch"])
+    with pytest.raises(ConfigError, match="--no-jax and --no-torch together leave nothing to time"):
+        run(["--config", str(ROOT / "configs/tiny-gpt.yaml"), "--no-jax", "--no-torch"])
 
 
 @pytest.mark.parametrize("section, argv, row", [

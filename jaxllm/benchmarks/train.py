@@ -85,6 +85,9 @@ def run(argv: list[str]) -> int:
                         help="compute dtype (model.dtype; parameters stay model.param_dtype); torch_ref runs "
                              "under autocast to it")
     parser.add_argument("--no-torch", action="store_true", help="skip torch_ref")
+    parser.add_argument("--no-jax", action="store_true",
+                        help="skip jaxllm: time torch_ref alone, in a process where JAX computes nothing (the fair "
+                             "comparison on a CPU, alternated with a --no-torch run)")
     parser.add_argument("--memory", action="store_true",
                         help="only XLA's memory analysis of the compiled train step (state, optimizer, temporaries); "
                              "no timing (e.g. a LoRA step against a full fine-tune: model.lora.rank=8)")
@@ -101,6 +104,8 @@ def run(argv: list[str]) -> int:
                              ("--warmup", args.warmup, 0)):
         if value < low:
             raise ConfigError(f"{name} {value} is invalid: must be an integer >= {low}")
+    if args.no_jax and args.no_torch:
+        raise ConfigError("--no-jax and --no-torch together leave nothing to time; give at most one")
     split_cpu(cfg, micro_batches=[args.batch])  # as train.py does: one CPU device per core
 
     import jax
@@ -133,16 +138,19 @@ def run(argv: list[str]) -> int:
         mfu = f"{100 * flops * tps / (peak * mesh.size):6.1f}%" if peak else "    n/a"
         print(f"{name:36s} {1000 * seconds:9.2f} {tps:11,.0f} {mfu}", flush=True)
 
-    with jax.set_mesh(mesh):
-        start = time.perf_counter()
-        trainer = Trainer(cfg, mesh)
-        jax.block_until_ready(trainer.state)
-        built = time.perf_counter() - start
-        seconds, first = jax_step_time(trainer, tokens, args.warmup, args.steps)
-        print(f"start-up: state built in {built:.1f} s, first step (compiles it) {first:.1f} s", flush=True)
+    if args.no_jax:
         print(f"{'implementation':36s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>7s}", flush=True)
-        row(f"jaxllm (Trainer, {cfg.train.optimizer})", seconds)
-    del trainer  # its state's memory, before torch allocates its own
+    else:
+        with jax.set_mesh(mesh):
+            start = time.perf_counter()
+            trainer = Trainer(cfg, mesh)
+            jax.block_until_ready(trainer.state)
+            built = time.perf_counter() - start
+            seconds, first = jax_step_time(trainer, tokens, args.warmup, args.steps)
+            print(f"start-up: state built in {built:.1f} s, first step (compiles it) {first:.1f} s", flush=True)
+            print(f"{'implementation':36s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>7s}", flush=True)
+            row(f"jaxllm (Trainer, {cfg.train.optimizer})", seconds)
+        del trainer  # its state's memory, before torch allocates its own
     if not args.no_torch:
         import torch
 
