@@ -1,5 +1,8 @@
 """Test environment, set before jax or torch is imported anywhere."""
+import gc
 import os
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -11,11 +14,6 @@ try:  # grain workers read absl flags (google/grain#1355); harmless when absl is
     flags.FLAGS.mark_as_parsed()
 except ImportError:
     pass
-
-
-import gc  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -138,8 +138,9 @@ def run(argv: list[str]) -> int:
         mfu = f"{100 * flops * tps / (peak * mesh.size):6.1f}%" if peak else "    n/a"
         print(f"{name:36s} {1000 * seconds:9.2f} {tps:11,.0f} {mfu}", flush=True)
 
+    header = f"{'implementation':36s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>7s}"
     if args.no_jax:
-        print(f"{'implementation':36s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>7s}", flush=True)
+        print(header, flush=True)
     else:
         with jax.set_mesh(mesh):
             start = time.perf_counter()
@@ -148,7 +149,7 @@ def run(argv: list[str]) -> int:
             built = time.perf_counter() - start
             seconds, first = jax_step_time(trainer, tokens, args.warmup, args.steps)
             print(f"start-up: state built in {built:.1f} s, first step (compiles it) {first:.1f} s", flush=True)
-            print(f"{'implementation':36s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>7s}", flush=True)
+            print(header, flush=True)
             row(f"jaxllm (Trainer, {cfg.train.optimizer})", seconds)
         del trainer  # its state's memory, before torch allocates its own
     if not args.no_torch:
