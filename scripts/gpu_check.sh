@@ -4,11 +4,12 @@
 # its whole output goes to $OUT/<part>.log (default ./gpu_logs) and its last lines to
 # $OUT/summary.txt. Parts run in the order given; the default is all of them.
 #
-#   bash scripts/gpu_check.sh train scan moe decode_cmdbuf   # what the first GPU session (2026-12-04) could not measure
+#   bash scripts/gpu_check.sh train decode_cmdbuf decode_profile scan moe   # what is still missing, most wanted first
 #   bash scripts/gpu_check.sh decode tidar     # measured then (BENCHMARKS.md, "GPU: one H200")
 #
 # Through the device tool (10 minutes a command, 15 minutes of device time a session, the start
-# included): one call of the first line, timeout_s 590; `PY=python3` there. Needs jax with CUDA,
+# included): one call of the first line, timeout_s 590; `PY=python3` there. The parts' limits add up
+# to more than 590 s, but each stops early when it is done; the last ones are the first to go. Needs jax with CUDA,
 # flax, optax, orbax, torch (and transformers for the HF decode peer); not grain or wandb. The first
 # session lost the train part to a 2.5-3.6 minute compile of the state's initialisation, since
 # fixed (docs/perf.md, "GPU start-up"): check the `start-up:` line of train.log first.
@@ -19,6 +20,8 @@
 #           (issue 13: <= 1.0 ms/token at batch 1, >= 25k tokens/s at batch 32).
 #   decode_cmdbuf  jaxllm's decode again with XLA's command buffers over the while loop's body (the
 #           first session's decode looked launch-bound: 1.71 ms/token at batch 1, 1.85 at batch 32).
+#   decode_profile  jaxllm's decode (64 new tokens) traced by jax.profiler: XLA ops and device busy time
+#           a token, and the kernels that take it (bench.py decode --profile); the traces stay in /tmp.
 #   tidar   the cost of a TiDAR step against a one-token step on the GPU (random weights, so the
 #           tokens per forward are ~1; the trained figure is the CPU's: BENCHMARKS.md) (issue 12).
 #   moe     grouped (ragged_dot) against dense MoE dispatch on seed002-customllm.
@@ -47,8 +50,8 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(train decode tidar moe scan)
 for p in "${parts[@]}"; do
     case $p in
-        train | decode | decode_cmdbuf | tidar | moe | scan) ;;
-        *) echo "gpu_check.sh: unknown part '$p'; allowed: train decode decode_cmdbuf tidar moe scan" >&2; exit 2 ;;
+        train | decode | decode_cmdbuf | decode_profile | tidar | moe | scan) ;;
+        *) echo "gpu_check.sh: unknown part '$p'; allowed: train decode decode_cmdbuf decode_profile tidar moe scan" >&2; exit 2 ;;
     esac
 done
 mkdir -p "$OUT"
@@ -76,6 +79,8 @@ for p in "${parts[@]}"; do
         decode_cmdbuf) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
                     part decode_cmdbuf 120 $PY scripts/bench.py decode --config configs/llama-374m.yaml \
                         --dtype bfloat16 --batch 1,32 --no-torch --no-hf ;;
+        decode_profile) part decode_profile 150 $PY scripts/bench.py decode --config configs/llama-374m.yaml \
+                    --dtype bfloat16 --batch 1,32 --new 64 --runs 1 --no-torch --no-hf --profile /tmp/decode_trace ;;
         moe) part moe 60 $PY scripts/bench.py moe model.n_layer=8 --batch 8 --seq 1024 ;;
         scan) for scan in false true; do  # the wall time of each (printed by part) is mostly compilation
                   part "scan_layers_$scan" 100 $PY scripts/bench.py train --config configs/llama-374m.yaml \

@@ -76,6 +76,62 @@ def test_decode_benchmark_prints_a_row_per_implementation_and_agreement(capsys):
     assert [r[-1] for r in rows.values()] == ["-", "yes", "yes"]  # the same greedy tokens on the same weights
 
 
+def _write_trace(path, events, processes, threads):
+    import gzip
+    import json
+
+    meta = [dict(ph="M", pid=pid, name="process_name", args=dict(name=name)) for pid, name in processes.items()]
+    meta += [dict(ph="M", pid=pid, tid=tid, name="thread_name", args=dict(name=name))
+             for (pid, tid), name in threads.items()]
+    with gzip.open(path, "wt") as f:
+        json.dump(dict(displayTimeUnit="ns", traceEvents=meta + events), f)
+
+
+def test_trace_summary_counts_each_xla_op_once_and_the_union_of_their_time(tmp_path):
+    """`bench.py decode --profile`'s arithmetic on a hand-made trace: a `while` enclosing its body's
+    ops is not counted, other modules' ops and the host's own events are left out, device
+    kernels count without `hlo_op`, and overlapping ops' busy time is their union."""
+    from jaxllm.benchmarks.profile import report, summarize
+
+    op = lambda tid, ts, dur, name, module="jit__run", pid=1: dict(  # noqa: E731
+        ph="X", pid=pid, tid=tid, ts=ts, dur=dur, name=name, args=dict(hlo_op=name, hlo_module=module))
+    events = [dict(ph="X", pid=1, tid=10, ts=0, dur=500, name="PjitFunction(_run)"),  # host, not an op
+              op(11, 0, 100, "while.1"), op(11, 10, 20, "fusion.1"), op(11, 40, 10, "fusion.2"),
+              op(11, 60, 20, "fusion.1"), op(11, 200, 50, "fusion.9", module="jit_other"),
+              op(12, 0, 30, "dot.3"), op(12, 20, 40, "dot.4"),  # overlapping, neither encloses the other
+              dict(ph="X", pid=2, tid=1, ts=0, dur=5, name="gemm_kernel"),
+              dict(ph="X", pid=2, tid=1, ts=10, dur=5, name="gemm_kernel")]
+    path = tmp_path / "perfetto_trace.json.gz"
+    _write_trace(path, events, {1: "/host:CPU", 2: "/device:GPU:0"},
+                 {(1, 10): "python", (1, 11): "worker", (1, 12): "other", (2, 1): "Stream #1"})
+    lanes = summarize(path, module="jit__run")
+    assert [(lane.name, lane.ops, lane.busy_us) for lane in lanes] == [
+        ("/host:CPU / other", 2, 60.0), ("/host:CPU / worker", 3, 50.0), ("/device:GPU:0 / Stream #1", 2, 10.0)]
+    assert lanes[1].top == [("fusion.1", 2, 40.0), ("fusion.2", 1, 10.0)]
+    assert lanes[2].top == [("gemm_kernel", 2, 10.0)]
+    assert [(lane.ops, lane.busy_us) for lane in summarize(path)][0] == (4, 100.0)  # unfiltered: jit_other's op too
+    lines = report(lanes, seconds=0.001, units=5, untraced=0.0005)  # 5 tokens, 100 us of untraced wall a token
+    assert lines[0] == "traced wall 1.0 ms (0.200 ms a token) over 5 tokens; untraced 0.100 ms a token"
+    assert lines[1].startswith("  /host:CPU / other: 2 ops (0.4 a token), busy 0.1 ms (0.012 ms a token, 12% of")
+
+
+def test_decode_benchmark_profile_writes_a_trace_of_the_decode_loop(tmp_path, capsys):
+    """--profile traces one more jaxllm generation per batch: the trace holds the decode loop's ops,
+    at least one per layer-op of every token (one layer: norm, q/k/v, attention, out, MLP, head)."""
+    from jaxllm.benchmarks.decode import run
+    from jaxllm.benchmarks.profile import summarize
+
+    new = 6
+    assert run(["--config", str(ROOT / "configs/tiny-llama.yaml"), "model.n_layer=1", "--batch", "2",
+                "--prompt-tokens", "8", "--new", str(new), "--runs", "1", "--no-torch", "--no-hf",
+                "--profile", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    traces = list((tmp_path / "batch2").rglob("perfetto_trace.json.gz"))
+    assert len(traces) == 1 and f"profile at batch 2 (the decode loop's module, jit__run): {traces[0]}" in out
+    assert "untraced" in out and "ops (" in out
+    assert sum(lane.ops for lane in summarize(traces[0], module="jit__run")) >= 8 * new
+
+
 def test_train_benchmark_times_the_training_loops_own_step(monkeypatch, capsys):
     """`bench train` times Trainer.train_step (the real optimizer, clipping, router-bias update and
     sharding), on the same batch each step, with overrides before and after the options."""
@@ -159,5 +215,5 @@ def test_the_gpu_script_refuses_an_unknown_part_before_writing_anything(tmp_path
                             text=True, env={**os.environ, "OUT": str(out), "PY": "false"}, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == ("gpu_check.sh: unknown part 'decod'; "
-                                     "allowed: train decode decode_cmdbuf tidar moe scan")
+                                     "allowed: train decode decode_cmdbuf decode_profile tidar moe scan")
     assert not out.exists()

@@ -11,7 +11,7 @@ from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, Te
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from jaxllm.config import config_from_dict
-from jaxllm.decode import (Sampling, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, filter_logits, generate, next_token)
+from jaxllm.decode import (Sampling, apply_min_p, argmax, apply_repetition_penalty, apply_top_k, apply_top_p, filter_logits, generate, next_token)
 from jaxllm.errors import DecodeError
 from jaxllm.model import Transformer
 from jaxllm.model.attention import AttentionMask, LayerCache, causal_mask, visible, write_cache
@@ -122,6 +122,24 @@ def test_greedy_is_argmax_after_the_penalty_and_top_k_1_is_greedy():
     top1 = next_token(logits, as_seen(ids), Sampling(temperature=5.0, top_k=1, repetition_penalty=2.0).arrays(),
                       jax.random.key(1))
     np.testing.assert_array_equal(np.asarray(top1), penalised.argmax(-1))
+
+
+@pytest.mark.parametrize("shape", [(1, 32000), (32, 1000), (3, 5, V)])
+def test_argmax_is_jnp_argmax_ties_nans_and_infinities_included(shape):
+    """decode.argmax (a max then the least index reaching it, fast on XLA:CPU) picks exactly what
+    jnp.argmax picks: the first of tied maxima, the first NaN, an infinity, index 0 of an all -inf row."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, shape).astype(np.float32)  # few distinct values: ties in every row
+    flat = x.reshape(-1, shape[-1])
+    flat[0, rng.integers(0, shape[-1], 2)] = np.nan
+    if len(flat) > 2:
+        flat[1, rng.integers(0, shape[-1], 3)] = np.inf
+        flat[2] = -np.inf
+    got, expected = np.asarray(jax.jit(argmax)(x)), np.asarray(jnp.argmax(x, axis=-1))
+    assert got.dtype == np.int32 and got.shape == shape[:-1]
+    np.testing.assert_array_equal(got, expected)
+    real = rng.standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(argmax(real), jnp.argmax(real, axis=-1))
 
 
 def test_draws_follow_the_filtered_distribution():

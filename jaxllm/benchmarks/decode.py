@@ -157,6 +157,23 @@ def check_memory(cfg, batch: int, prompt_tokens: int, new: int, device) -> None:
                           f"GiB of {device.device_kind}; lower --batch, --prompt-tokens or --new")
 
 
+def profile(model, prompts: np.ndarray, new: int, directory: Path, untraced: float | None) -> None:
+    """One more (compiled, warm) jaxllm generation under jax.profiler: its trace's path and summary
+    (jaxllm.benchmarks.profile), per new token: how many XLA ops ran and how busy each lane was,
+    against the `untraced` seconds of the timed runs (tracing slows the host down)."""
+    from jaxllm.benchmarks.profile import report, summarize, trace
+    from jaxllm.decode import generate
+
+    try:
+        seconds, path = trace(lambda: generate(model, prompts.tolist(), max_new_tokens=new), directory)
+    except Exception as e:  # a profiler that fails is reported, not fatal
+        print(f"profile at batch {len(prompts)}: {failure(e)}")
+        return
+    print(f"profile at batch {len(prompts)} (the decode loop's module, jit__run): {path}")
+    for line in report(summarize(path, module="jit__run"), seconds, new, untraced=untraced):
+        print(line)
+
+
 def run(argv: list[str]) -> int:
     parser = ArgumentParser(prog="bench.py decode", description=__doc__)
     parser.add_argument("--config", default="configs/tiny-llama.yaml", help="preset YAML (default: configs/tiny-llama.yaml)")
@@ -178,6 +195,9 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--beta", type=float, default=1.0, help="with --speculative: TiDAR's beta (default: 1)")
     parser.add_argument("--no-torch", action="store_true", help="skip torch_ref")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also trace one more jaxllm generation at each batch with jax.profiler (under DIR) "
+                             "and print its XLA ops and device busy time a token")
     args = parser.parse_intermixed_args(argv)
 
     import jax
@@ -263,13 +283,14 @@ def run(argv: list[str]) -> int:
         else:
             starts = rng.integers(0, len(text_ids) - args.prompt_tokens, batch)
             prompts = np.stack([text_ids[s:s + args.prompt_tokens] for s in starts]).astype(np.int32)
-        reference = None
+        reference, plain_seconds = None, None
         for name, fn in implementations:
             try:
                 seconds, tokens = fn(prompts)
             except Exception as e:  # a peer that fails is reported, not fatal
                 print(f"{name:40s} {batch:5d} {failure(e)}")
                 continue
+            plain_seconds = seconds if name == implementations[0][0] else plain_seconds
             reference = tokens if reference is None else reference
             same = "-" if tokens is reference else ("yes" if tokens == reference else "no")
             extra = ""
@@ -277,6 +298,8 @@ def run(argv: list[str]) -> int:
                 st = tidar_stats[name][-1]
                 extra = f"  {st.tokens_per_forward:.2f} tokens/forward, {100 * st.acceptance_rate:.0f}% accepted"
             print(f"{name:40s} {batch:5d} {1000 * seconds / args.new:9.2f} {batch * args.new / seconds:10,.0f}  {same}{extra}")
+        if args.profile is not None:
+            profile(model, prompts, args.new, Path(args.profile) / f"batch{batch}", plain_seconds)
     for note in notes:
         print(note)
     if args.speculative is not None and args.beta != 1.0:
