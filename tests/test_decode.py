@@ -91,6 +91,83 @@ def test_top_p_keeps_the_smallest_set_with_mass_at_least_p(p):
     assert_same_filter(apply_top_p(jnp.asarray(logits), jnp.float32(p)), hf(TopPLogitsWarper(p), logits))
 
 
+BIG_V = 1000
+
+
+def nucleus(logits: np.ndarray, p: float) -> np.ndarray:
+    """Independent top-p: in a stable descending order, a token stays iff the mass before it is < p."""
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    keep = np.zeros(logits.shape, bool)
+    for row in range(len(logits)):
+        order = np.argsort(-logits[row], kind="stable")
+        mass = np.cumsum(probs[row, order])
+        keep[row, order] = (mass - probs[row, order]) < p
+    return keep
+
+
+@pytest.mark.parametrize("k", [[1, 50, 256, 7], [257, 999, 1000, 3], [0, 12, 300, 1000]])
+def test_top_k_takes_one_k_per_row_as_hugging_faces_warper(k):
+    """Each row keeps its own k largest (k = 0: all) on a 1000-token vocabulary, with negative and
+    positive logits, -0.0 beside +0.0 and a removed (-inf) token: Hugging Face's warper row by row."""
+    logits = (np.random.default_rng(sum(k)).standard_normal((4, BIG_V)) * 3).astype(np.float32)
+    top = np.nextafter(np.float32(50), np.float32(np.inf))  # odd bits, and 50.0 one step below it
+    logits[:, :5] = [-0.0, 0.0, -np.inf, top, 50.0]
+    got = np.asarray(apply_top_k(jnp.asarray(logits), jnp.asarray(k, jnp.int32)))
+    for row, k_row in enumerate(k):
+        expected = logits[row:row + 1] if k_row == 0 else hf(TopKLogitsWarper(k_row), logits[row:row + 1])
+        assert_same_filter(got[row:row + 1], expected)
+
+
+@pytest.mark.parametrize("scale,p", [(4.0, 0.9), (0.1, 0.9), (0.1, 0.2), (1.0, [0.5, 1.0, 0.99, 0.05])])
+def test_top_p_on_a_large_vocabulary_peaked_or_flat_with_one_p_per_row(scale, p):
+    """Peaked rows keep a few tokens, flat ones hundreds; p may differ per row (1: all)."""
+    logits = (np.random.default_rng(int(10 * scale)).standard_normal((4, BIG_V)) * scale).astype(np.float32)
+    p_rows = np.broadcast_to(np.asarray(p, np.float32), (4,))
+    got = np.isfinite(np.asarray(apply_top_p(jnp.asarray(logits), jnp.asarray(p, jnp.float32))))
+    for row in range(4):
+        expected = np.ones(BIG_V, bool) if p_rows[row] >= 1 else nucleus(logits[row:row + 1], p_rows[row])[0]
+        np.testing.assert_array_equal(got[row], expected)
+    if scale == 4.0:
+        assert got.sum(-1).max() < 50  # peaked: a few tokens
+    if (scale, p) == (0.1, 0.9):
+        assert got.sum(-1).min() > 800  # flat: most of the vocabulary
+
+
+def test_top_p_with_tied_logits_keeps_the_lower_indices_first():
+    """Integer logits tie everywhere, so the last level kept is cut inside: the tokens kept follow a
+    stable ranking (ties by index), as the independent construction says. Two logits one float
+    step apart are two levels."""
+    logits = np.random.default_rng(3).integers(-2, 3, (3, BIG_V)).astype(np.float32)
+    logits[0, :300] = 9.0  # row 0: 300 tied maxima hold nearly all the mass
+    for p in (0.05, 0.3, 0.95):
+        got = np.isfinite(np.asarray(apply_top_p(jnp.asarray(logits), jnp.float32(p))))
+        np.testing.assert_array_equal(got, nucleus(logits, p))
+        assert 1 < got[0].sum() < 300  # a level cut inside its ties
+    neighbours = np.zeros((1, BIG_V), np.float32)
+    neighbours[0, :2] = [np.nextafter(np.float32(20), np.float32(np.inf)), 20.0]  # one float step apart
+    got = np.isfinite(np.asarray(apply_top_p(jnp.asarray(neighbours), jnp.float32(0.4))))
+    np.testing.assert_array_equal(got, nucleus(neighbours, 0.4))
+    assert got[0].sum() == 1
+
+
+def test_per_row_settings_and_keys_draw_what_each_row_draws_alone():
+    """The serving engine's call: settings and keys one per row; row b gets exactly the token that
+    next_token gives for row b alone, as a batch of one with scalar settings and its own key."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray((rng.standard_normal((5, BIG_V)) * 2).astype(np.float32))
+    seen = jnp.asarray(rng.random((5, BIG_V)) < 0.01)
+    rows = [Sampling(temperature=0.0), Sampling(temperature=0.8, top_k=300), Sampling(temperature=1.2, top_p=0.5),
+            Sampling(temperature=1.0, min_p=0.1, repetition_penalty=1.5), Sampling(temperature=0.0, top_k=3)]
+    settings = {name: jnp.stack([r.arrays()[name] for r in rows]) for name in rows[0].arrays()}
+    keys = jax.random.split(jax.random.key(7), 5)
+    together = np.asarray(jax.jit(next_token)(logits, seen, settings, keys))
+    alone = [int(next_token(logits[b:b + 1], seen[b:b + 1], rows[b].arrays(), keys[b])[0]) for b in range(5)]
+    assert together.tolist() == alone
+    assert together[0] == int(jnp.argmax(logits[0])) and together[4] == int(jnp.argmax(
+        apply_repetition_penalty(logits[4:], seen[4:], 1.0)[0]))
+
+
 @pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5])
 def test_min_p_is_hugging_faces(min_p):
     logits = random_logits(int(min_p * 100))

@@ -93,8 +93,7 @@ def _one_step(model, slots: Slots, k: int):
     log-probabilities [N], the top k [N, K] ids and log-probabilities))."""
     logits = never_sampled(model.cfg, slots.logits)
     keys = jax.vmap(jax.random.fold_in)(slots.key, slots.t)
-    draw = lambda l, seen, s, key: next_token(l[None], seen[None], s, key)[0]  # noqa: E731  (row b as a batch of one)
-    tokens = jax.vmap(draw)(logits, slots.seen, slots.sampling, keys)
+    tokens = next_token(logits, slots.seen, slots.sampling, keys)  # each slot's settings and key
     chosen, top_ids, top_lp = _logprobs(slots.logits, tokens, k)
     out, cache = model(tokens[:, None], slots.position[:, None], cache=slots.cache, last_only=True)
     seen = slots.seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
