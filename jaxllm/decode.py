@@ -78,7 +78,7 @@ NEG_INF = -jnp.inf
 # is one scalar for every row (`generate`) or one value per row [B] (the serving engine's slots).
 # Top-k and top-p find each row's threshold by bisection over the logits' order rather than by
 # sorting the row: XLA:CPU sorts a [32, 32000] batch in ~160 ms, one row at a time, where the 32
-# bisection passes take ~4 ms (docs/perf.md, "Sampling without sorting the vocabulary").
+# bisection passes take ~4 ms (docs/perf.md, "Decoding on the CPU: argmax and sampling without a sort").
 
 
 def _per_row(setting: jax.Array, logits: jax.Array) -> jax.Array:
@@ -94,8 +94,8 @@ def _order_key(x: jax.Array) -> jax.Array:
 
 
 def _from_order_key(key: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(jnp.where(key >> 31 == 1, key & jnp.uint32(~(1 << 31) & 0xFFFFFFFF), ~key),
-                                        jnp.float32)
+    """The float32 of an `_order_key`."""
+    return jax.lax.bitcast_convert_type(jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFFFFFF), ~key), jnp.float32)
 
 
 def _threshold(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
@@ -121,7 +121,8 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Ar
 def apply_top_k(logits: jax.Array, k: jax.Array) -> jax.Array:
     """Keep the logits >= the k-th largest of their row (k clipped to V); k = 0 keeps all."""
     k = _per_row(k, logits)
-    kth = _from_order_key(_threshold(_order_key(logits), jnp.ones_like(logits), jnp.clip(k, 1, logits.shape[-1]).astype(logits.dtype)))
+    count = jnp.clip(k, 1, logits.shape[-1]).astype(jnp.float32)  # counted exactly up to 2**24 tokens
+    kth = _from_order_key(_threshold(_order_key(logits), jnp.ones(logits.shape, jnp.float32), count))
     return jnp.where((k > 0) & (logits < kth), NEG_INF, logits)
 
 
