@@ -290,7 +290,8 @@ def run(argv: list[str]) -> int:
             except Exception as e:  # a peer that fails is reported, not fatal
                 print(f"{name:40s} {batch:5d} {failure(e)}")
                 continue
-            plain_seconds = seconds if name == implementations[0][0] else plain_seconds
+            if name == implementations[0][0]:  # jaxllm's plain decoding: what --profile compares with
+                plain_seconds = seconds
             reference = tokens if reference is None else reference
             same = "-" if tokens is reference else ("yes" if tokens == reference else "no")
             extra = ""

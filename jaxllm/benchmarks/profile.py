@@ -69,9 +69,10 @@ def summarize(path: Path, module: str | None = None, top: int = 8) -> list[Lane]
     events = data["traceEvents"] if isinstance(data, dict) else data
     process, thread = {}, {}
     for e in events:
-        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
-            names = process if e["name"] == "process_name" else thread
-            names[e["pid"] if e["name"] == "process_name" else (e["pid"], e.get("tid"))] = e["args"]["name"]
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            process[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            thread[e["pid"], e.get("tid")] = e["args"]["name"]
     lanes = defaultdict(list)
     for e in events:
         args = e.get("args") or {}
